@@ -1,0 +1,304 @@
+"""Stage 1: run the teacher once and write its temperature-scaled logits to a cache.
+
+The teacher runs batch after batch while a background writer stores whole chunks. Rows are
+grouped into shards (whole chunks each) with a done-flag per shard, so a build split over
+machines, or killed and resumed, never redoes or half-writes a chunk. The cache is marked
+complete only after every shard is done and the arrays check out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from . import __version__, store
+from .data import batches, describe, load_dataset
+from .errors import CacheError, UsageError
+from .manifest import (
+    BuildStatus,
+    ClassInfo,
+    DatasetSource,
+    Layout,
+    Manifest,
+    Spec,
+    StorageInfo,
+    SynthesisSource,
+    TeacherInfo,
+    ViewInfo,
+    compute_cache_key,
+    now_iso,
+)
+from .progress import Progress
+from .specs import load_model, num_parameters, resolve_device, weights_digest
+from .writer import ChunkWriter
+
+DEFAULT_CHUNK_ROWS = 4096
+
+
+def parse_storage(text: str, dtype: str = "float16") -> StorageInfo:
+    """``full`` | ``topk:K`` | ``sample:K`` from the CLI."""
+    mode, _, k = text.partition(":")
+    if mode == "full" and not k:
+        return StorageInfo(mode="full", dtype=dtype)  # type: ignore[arg-type]
+    if mode in ("topk", "sample"):
+        raise UsageError(f"storage mode {mode!r} is reserved in the format but not supported by this build; use 'full'")
+    raise UsageError(f"storage must be 'full', 'topk:K' or 'sample:K', not {text!r}")
+
+
+def teacher_info(teacher: nn.Module, spec: Spec | None) -> TeacherInfo:
+    return TeacherInfo(spec=spec, num_parameters=num_parameters(teacher), weights_digest=weights_digest(teacher))
+
+
+def teacher_stats(logits: torch.Tensor) -> dict[str, np.ndarray]:
+    """Confidence statistics at T=1 (the teacher's own calibration), computed in float32."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    p = logp.exp()
+    top2 = p.topk(min(2, p.shape[-1]), dim=-1).values
+    margin = top2[..., 0] - top2[..., 1] if top2.shape[-1] > 1 else top2[..., 0]
+    return {
+        "stats/max_prob": top2[..., 0].numpy(),
+        "stats/entropy": (-(p * logp).nan_to_num().sum(-1)).numpy(),
+        "stats/margin": margin.numpy(),
+        "stats/prediction": p.argmax(-1).to(torch.int32).numpy(),
+    }
+
+
+def check_finite(logits: torch.Tensor, first_row: int) -> None:
+    bad = (~torch.isfinite(logits)).flatten(1).any(dim=1).nonzero().flatten()
+    if len(bad):
+        rows = [first_row + int(i) for i in bad[:10]]
+        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise CacheError(f"teacher produced NaN/Inf logits for rows {rows}{more}; nothing was marked complete")
+
+
+@dataclass
+class RowBlock:
+    """What a producer hands the build for consecutive rows: inputs, labels, sample ids,
+    and optional view parameters ``(n, V, P)`` and views already applied ``(n, V, ...)``."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    sample_index: np.ndarray
+    views: torch.Tensor | None = None
+    view_params: np.ndarray | None = None
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def label_block(teacher: nn.Module, block: RowBlock, first_row: int, temperature: float, dtype: str, device: torch.device) -> dict[str, np.ndarray]:
+    """Run the teacher on every view of a block and return the arrays to store for it."""
+    views = block.views if block.views is not None else block.inputs.unsqueeze(1)
+    n, v = views.shape[:2]
+    logits = teacher(views.reshape(n * v, *views.shape[2:]).to(device)).float().cpu()
+    check_finite(logits.reshape(n, -1), first_row)
+    logits = logits.reshape(n, v, -1)
+    out = {
+        store.SOFT: (logits / temperature).numpy().astype(dtype),
+        store.INDEX: block.sample_index.astype(np.int64),
+        store.LABELS: block.labels.to(torch.int64).numpy(),
+    }
+    out.update({k: a.reshape(n, v) for k, a in teacher_stats(logits.reshape(n * v, -1)).items()})
+    if block.view_params is not None:
+        out[store.VIEW_PARAMS] = block.view_params.astype(np.float32)
+    out.update(block.extra)
+    return out
+
+
+def shard_ranges(rows: int, shard_rows: int) -> list[range]:
+    return [range(s, min(s + shard_rows, rows)) for s in range(0, rows, shard_rows)]
+
+
+def dataset_blocks(dataset: Dataset, rows: range, batch_size: int) -> Iterator[RowBlock]:
+    offset = rows.start
+    for x, y in batches(dataset, rows, batch_size):
+        yield RowBlock(inputs=x, labels=y, sample_index=np.arange(offset, offset + len(x)))
+        offset += len(x)
+
+
+@dataclass
+class BuildPlan:
+    """Everything fixed before the first teacher call: the manifest and the row layout."""
+
+    manifest: Manifest
+    store_inputs: bool = False
+
+
+def make_manifest(
+    teacher: TeacherInfo,
+    source: DatasetSource | SynthesisSource,
+    num_classes: int,
+    class_names: list[str] | None,
+    input_shape: list[int],
+    *,
+    temperature: float,
+    storage: StorageInfo,
+    views: ViewInfo,
+    chunk_rows: int,
+    shard_chunks: int,
+    eval_source: DatasetSource | None = None,
+) -> Manifest:
+    if temperature <= 0 or not math.isfinite(temperature):
+        raise UsageError(f"temperature must be a positive number, not {temperature}")
+    if chunk_rows < 1 or shard_chunks < 1:
+        raise UsageError("chunk rows and chunks per shard must be at least 1")
+    classes = ClassInfo(count=num_classes, names=class_names if class_names and len(class_names) == num_classes else None)
+    rows = source.num_samples
+    chunk_rows = min(chunk_rows, max(rows, 1))
+    shard_rows = chunk_rows * shard_chunks
+    from .manifest import EvalSplit
+
+    return Manifest(
+        teacher=teacher,
+        source=source,
+        classes=classes,
+        temperature=temperature,
+        storage=storage,
+        views=views,
+        layout=Layout(
+            rows=rows,
+            chunk_rows=chunk_rows,
+            shard_rows=shard_rows,
+            num_shards=len(shard_ranges(rows, shard_rows)),
+            input_shape=input_shape,
+        ),
+        eval=EvalSplit(source=eval_source, rows=eval_source.num_samples) if eval_source else None,
+        status=BuildStatus(started_at=now_iso(), softcache_version=__version__),
+        cache_key=compute_cache_key(teacher, source, classes, temperature, storage, views, eval_source),
+    )
+
+
+def write_split(
+    group: Any,
+    teacher: nn.Module,
+    blocks: Iterator[RowBlock],
+    rows: range,
+    manifest: Manifest,
+    device: torch.device,
+    progress: Progress,
+) -> None:
+    """Label ``rows`` block by block and write them through the background writer."""
+    writer = ChunkWriter(lambda start, blk: store.write_rows(group, start, blk), rows.start, rows.stop, manifest.layout.chunk_rows)
+    row = rows.start
+    try:
+        for block in blocks:
+            arrays = label_block(teacher, block, row, manifest.temperature, manifest.storage.dtype, device)
+            writer.append(arrays)
+            row += len(block.inputs)
+            progress.update(len(block.inputs))
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+
+
+def finalize(url: str) -> Manifest:
+    """Check every shard is done and mark the cache complete (idempotent)."""
+    group = store.open_group(url, "r+")
+    manifest = store.read_manifest(group, url)
+    done = store.shards_done(group)
+    if not done.all():
+        missing = np.flatnonzero(~done).tolist()
+        raise CacheError(f"{url}: cannot finalize, shards not done: {missing[:20]}")
+    if manifest.status.state != "complete":
+        manifest.status.state = "complete"
+        manifest.status.finished_at = now_iso()
+        store.write_manifest(group, manifest)
+    return manifest
+
+
+def build(
+    teacher: str | Spec | nn.Module,
+    data: str | Spec | Dataset,
+    out: str,
+    *,
+    eval_data: str | Spec | Dataset | None = None,
+    temperature: float = 4.0,
+    storage: str | StorageInfo = "full",
+    dtype: str = "float16",
+    batch_size: int = 256,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    shard_chunks: int = 1,
+    store_inputs: bool = False,
+    device: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> store.Cache:
+    """Label ``data`` (and ``eval_data``) with the teacher and write a complete cache at ``out``."""
+    if dtype not in ("float16", "float32"):
+        raise UsageError(f"dtype must be float16 or float32, not {dtype!r}")
+    if batch_size < 1:
+        raise UsageError("batch size must be at least 1")
+    dev = resolve_device(device)
+    teacher_spec = None if isinstance(teacher, nn.Module) else Spec.parse(teacher)
+    model = teacher if isinstance(teacher, nn.Module) else load_model(teacher_spec)  # type: ignore[arg-type]
+    model = model.to(dev).eval()
+    dataset, data_spec = load_dataset(data)
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise CacheError("dataset is empty: nothing to cache")
+    eval_set, eval_spec = load_dataset(eval_data) if eval_data is not None else (None, None)
+    probe_x, _ = next(batches(dataset, range(min(2, len(dataset))), 2))  # type: ignore[arg-type]
+    with torch.no_grad():
+        probe = model(probe_x.to(dev))
+    if probe.ndim != 2:
+        raise UsageError(f"teacher output has shape {tuple(probe.shape)}; expected (batch, classes)")
+    storage_info = storage if isinstance(storage, StorageInfo) else parse_storage(storage, dtype)
+    storage_info.dtype = dtype  # type: ignore[assignment]
+    manifest = make_manifest(
+        teacher_info(model, teacher_spec),
+        describe(dataset, data_spec),
+        int(probe.shape[1]),
+        getattr(dataset, "classes", None),
+        list(probe_x.shape[1:]),
+        temperature=temperature,
+        storage=storage_info,
+        views=ViewInfo(),
+        chunk_rows=chunk_rows,
+        shard_chunks=shard_chunks,
+        eval_source=describe(eval_set, eval_spec) if eval_set is not None else None,
+    )
+    plan = BuildPlan(manifest=manifest, store_inputs=store_inputs)
+    return run_build(out, model, plan, lambda rows: dataset_blocks(dataset, rows, batch_size),
+                     (lambda rows: dataset_blocks(eval_set, rows, batch_size)) if eval_set is not None else None,
+                     device=dev, overwrite=overwrite, progress=progress)
+
+
+def run_build(
+    out: str,
+    teacher: nn.Module,
+    plan: BuildPlan,
+    train_blocks: Any,
+    eval_blocks: Any | None,
+    *,
+    device: torch.device,
+    overwrite: bool,
+    progress: bool,
+) -> store.Cache:
+    """Create the store, label every shard, then finalize. ``*_blocks(rows)`` yield RowBlocks."""
+    manifest = plan.manifest
+    store.prepare_target(out, overwrite=overwrite)
+    group = store.open_group(out, "w")
+    store.write_manifest(group, manifest)
+    store.create_arrays(group, store.split_arrays(manifest, manifest.layout.rows, store_inputs=plan.store_inputs))
+    num_shards = manifest.layout.num_shards
+    group.create_array(store.SHARD_DONE, shape=(num_shards,), chunks=(1,), dtype="uint8", compressors=None, fill_value=0)
+    eval_group = None
+    if eval_blocks is not None and manifest.eval is not None:
+        eval_group = group.require_group(store.EVAL)
+        store.create_arrays(eval_group, store.split_arrays(manifest, manifest.eval.rows, store_inputs=plan.store_inputs))
+    total = manifest.layout.rows + (manifest.eval.rows if eval_group is not None and manifest.eval else 0)
+    with Progress(total=total, desc="build", enabled=progress, unit="rows") as bar:
+        if eval_group is not None and manifest.eval is not None:
+            rows = range(manifest.eval.rows)
+            write_split(eval_group, teacher, eval_blocks(rows), rows, manifest, device, bar)
+        for shard, rows in enumerate(shard_ranges(manifest.layout.rows, manifest.layout.shard_rows)):
+            write_split(group, teacher, train_blocks(rows), rows, manifest, device, bar)
+            store.mark_shard_done(group, shard)
+    finalize(out)
+    return store.open_cache(out)

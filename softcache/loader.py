@@ -1,0 +1,104 @@
+"""Stage 2 input: pairing the user's inputs with cached soft labels, row by row.
+
+Random row access into a chunked store touches nearly every chunk per batch, so nothing here
+fancy-indexes the store: soft labels are read whole-chunk into RAM and batches are tensor
+indexing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .data import check_matches
+from .errors import CacheError
+from .store import Split
+
+
+@dataclass
+class Batch:
+    rows: torch.Tensor
+    inputs: torch.Tensor
+    soft: torch.Tensor | None
+    labels: torch.Tensor
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The row order of one epoch: a function of (seed, epoch) only, so runs and workers agree."""
+    gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+    return torch.randperm(n, generator=gen)
+
+
+class MemoryLoader:
+    """All inputs and soft labels held as tensors; each epoch is a seeded shuffle.
+
+    ``soft`` is ``(N, V, C)``; epoch ``e`` shows row ``r`` through view ``(r + e) % V`` so
+    every stored view is used in turn (with one view this is always view 0).
+    """
+
+    def __init__(self, inputs: torch.Tensor, soft: torch.Tensor | None, labels: torch.Tensor, *,
+                 batch_size: int, shuffle_seed: int = 0, device: torch.device | str = "cpu", shuffle: bool = True):
+        if soft is not None and len(soft) != len(inputs):
+            raise CacheError(f"{len(inputs)} inputs but {len(soft)} cached rows")
+        self.device = torch.device(device)
+        self.inputs = inputs.to(self.device)
+        self.soft = soft.to(self.device) if soft is not None else None
+        self.labels = labels.to(self.device)
+        self.batch_size, self.shuffle_seed, self.shuffle = batch_size, shuffle_seed, shuffle
+
+    def __len__(self) -> int:
+        return -(-len(self.inputs) // self.batch_size)
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        n = len(self.inputs)
+        order = epoch_permutation(n, self.shuffle_seed, epoch) if self.shuffle else torch.arange(n)
+        order = order.to(self.device)
+        views = self.soft.shape[1] if self.soft is not None else 1
+        for start in range(0, n, self.batch_size):
+            rows = order[start : start + self.batch_size]
+            soft = None
+            if self.soft is not None:
+                soft = self.soft[rows, views_of(rows, epoch, views)] if views > 1 else self.soft[rows, 0]
+            yield Batch(rows=rows, inputs=self.inputs[rows], soft=soft, labels=self.labels[rows])
+
+
+class SoftLabelDataset(Dataset):
+    """A torch Dataset of ``(input, soft_labels, label)`` pairing ``dataset`` with a cache split.
+
+    The pairing is by row position, so the dataset is checked against the length and
+    fingerprint recorded at build time before anything is served. Soft labels are read once,
+    whole-chunk, into memory; ``__getitems__`` serves a batch with one indexing operation.
+    """
+
+    def __init__(self, split: Split, dataset: Dataset, view: int = 0):
+        source = split.manifest.source if split.name == "train" else split.manifest.eval.source  # type: ignore[union-attr]
+        if source.kind != "dataset":
+            raise CacheError("this cache was synthesized; its inputs are stored in the cache, not in a dataset")
+        check_matches(dataset, source)
+        self.dataset = dataset
+        self.soft = torch.from_numpy(split.soft_labels(view=view))
+        self.labels = torch.from_numpy(split.labels())
+
+    def __len__(self) -> int:
+        return len(self.soft)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        item = self.dataset[index]
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        return torch.as_tensor(x), self.soft[index], self.labels[index]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        inputs = getattr(self.dataset, "inputs", None)
+        if isinstance(inputs, torch.Tensor):
+            return list(zip(inputs[idx], self.soft[idx], self.labels[idx]))
+        return [self[i] for i in indices]
+
+
+def views_of(rows: np.ndarray | torch.Tensor, epoch: int, views: int) -> np.ndarray | torch.Tensor:
+    """Which stored view each row shows in ``epoch`` (the same rule as MemoryLoader)."""
+    return (rows + epoch) % views

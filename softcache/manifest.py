@@ -1,0 +1,221 @@
+"""The cache manifest: the single source of truth for what a cache holds.
+
+The manifest lives in the root group attribute ``softcache`` of the Zarr v3 store. It is plain
+JSON so another team can read it with only ``zarr`` and a JSON Schema validator (the schema in
+``schemas/manifest.schema.json`` is generated from these models). Nothing here imports torch or
+zarr: this is the bottom layer every other module builds on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator
+
+from .errors import CacheError, UsageError
+
+SCHEMA_VERSION = 1
+"""Bumped on any change an older reader could misread. Readers refuse newer versions."""
+
+MANIFEST_ATTR = "softcache"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class Spec(_Model):
+    """How to re-create a model or dataset: an importable callable plus keyword arguments,
+    or a file path (safetensors weights that name their architecture)."""
+
+    target: str = Field(description="'package.module:callable' or a path/URL to a weights file")
+    kwargs: dict[str, JsonValue] = Field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str | Spec) -> Spec:
+        """Parse the CLI form ``pkg.mod:fn,key=value,key=value``.
+
+        Values are read as JSON when they parse (numbers, booleans, null, quoted strings,
+        lists) and as plain strings otherwise, so ``split=train`` and ``hidden=32`` both work.
+        """
+        if isinstance(text, Spec):
+            return text
+        if not isinstance(text, str) or not text.strip():
+            raise UsageError(f"empty spec: {text!r}")
+        head, *pairs = [p.strip() for p in text.split(",")]
+        kwargs: dict[str, JsonValue] = {}
+        for pair in pairs:
+            if "=" not in pair:
+                raise UsageError(f"spec {text!r}: expected key=value after the target, got {pair!r}")
+            key, value = pair.split("=", 1)
+            try:
+                kwargs[key.strip()] = json.loads(value)
+            except json.JSONDecodeError:
+                kwargs[key.strip()] = value
+        return cls(target=head, kwargs=kwargs)
+
+    def __str__(self) -> str:
+        parts = [self.target] + [f"{k}={_fmt(v)}" for k, v in sorted(self.kwargs.items())]
+        return ",".join(parts)
+
+    def is_file(self) -> bool:
+        return ":" not in self.target.split("/")[-1] or self.target.endswith(".safetensors")
+
+
+def _fmt(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+class TeacherInfo(_Model):
+    spec: Spec | None = Field(description="how to rebuild the teacher; null when given as an object")
+    num_parameters: int
+    weights_digest: str = Field(description="sha256 over the state dict, keys sorted")
+
+
+class DatasetSource(_Model):
+    kind: Literal["dataset"] = "dataset"
+    spec: Spec | None
+    num_samples: int
+    fingerprint: str = Field(description="sha256 over length, labels and a fixed sample of inputs")
+    info: dict[str, JsonValue] = Field(
+        default_factory=dict, description="what the dataset says about itself (split, seed, ...)"
+    )
+
+
+class SynthesisSource(_Model):
+    kind: Literal["synthesis"] = "synthesis"
+    method: str
+    params: dict[str, JsonValue] = Field(default_factory=dict)
+    seed: int
+    num_samples: int
+
+
+Source = Annotated[Union[DatasetSource, SynthesisSource], Field(discriminator="kind")]
+
+
+class ClassInfo(_Model):
+    count: int = Field(ge=1)
+    names: list[str] | None = None
+
+
+class StorageInfo(_Model):
+    """How soft labels are stored. ``full``: every class's logit / T. ``topk``: the k largest
+    logits / T with their class ids; the rest of the probability mass is spread evenly at read
+    time. ``sample``: k classes drawn from the teacher distribution, stored as counts."""
+
+    mode: Literal["full", "topk", "sample"] = "full"
+    k: int | None = None
+    dtype: Literal["float16", "float32"] = "float16"
+
+
+class ViewInfo(_Model):
+    """Each sample may be labelled through several augmented views. A view is reproducible
+    when its parameters are stored (``params``), when the inputs are stored (``stored``) or
+    when it is the untouched input (``identity``)."""
+
+    count: int = Field(default=1, ge=1)
+    replay: Literal["identity", "params", "stored"] = "identity"
+    augment: Spec | None = None
+    param_names: list[str] = Field(default_factory=list)
+
+
+class Layout(_Model):
+    rows: int = Field(ge=0, description="number of cached samples")
+    chunk_rows: int = Field(ge=1, description="rows per Zarr chunk; every write covers whole chunks")
+    shard_rows: int = Field(ge=1, description="rows per build shard; a multiple of chunk_rows")
+    num_shards: int = Field(ge=0)
+    input_shape: list[int] = Field(default_factory=list, description="shape of one input sample")
+
+
+class EvalSplit(_Model):
+    """Teacher outputs on a held-out set, kept in subgroup ``eval`` so students can report
+    teacher agreement without ever loading the teacher."""
+
+    source: DatasetSource
+    rows: int
+
+
+class BuildStatus(_Model):
+    state: Literal["building", "complete"] = "building"
+    started_at: str
+    finished_at: str | None = None
+    softcache_version: str
+
+
+class Manifest(_Model):
+    schema_version: int = Field(default=SCHEMA_VERSION)
+    format: Literal["softcache"] = "softcache"
+    teacher: TeacherInfo
+    source: Source
+    classes: ClassInfo
+    temperature: float = Field(gt=0, description="stored values are teacher logits divided by this")
+    storage: StorageInfo = Field(default_factory=StorageInfo)
+    views: ViewInfo = Field(default_factory=ViewInfo)
+    layout: Layout
+    eval: EvalSplit | None = None
+    status: BuildStatus
+    cache_key: str = Field(description="sha256 of everything that determines the cache contents")
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        if v > SCHEMA_VERSION:
+            raise ValueError(
+                f"schema_version {v} is newer than this softcache understands ({SCHEMA_VERSION}); upgrade softcache"
+            )
+        return v
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_json(cls, data: Any) -> Manifest:
+        """Validate an attribute read from a store; any problem is a CacheError, one line."""
+        if not isinstance(data, dict):
+            raise CacheError("manifest attribute 'softcache' is not a JSON object")
+        version = data.get("schema_version")
+        if isinstance(version, int) and version > SCHEMA_VERSION:
+            raise CacheError(
+                f"cache schema_version {version} is newer than this softcache supports ({SCHEMA_VERSION}); upgrade softcache"
+            )
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "manifest"
+            raise CacheError(f"invalid manifest: {where}: {first['msg']} ({exc.error_count()} error(s))") from None
+
+
+def compute_cache_key(
+    teacher: TeacherInfo,
+    source: DatasetSource | SynthesisSource,
+    classes: ClassInfo,
+    temperature: float,
+    storage: StorageInfo,
+    views: ViewInfo,
+    eval_source: DatasetSource | None = None,
+) -> str:
+    """Digest of everything that determines the stored values (not the chunking, not the time).
+
+    Two builds with the same key produce the same arrays, so shards of one build can join a
+    shared store and pipelines can skip a stage whose output already has this key.
+    """
+    determining = {
+        "schema_version": SCHEMA_VERSION,
+        "teacher": teacher.weights_digest,
+        "source": source.model_dump(mode="json", exclude={"spec", "info"}),
+        "classes": classes.count,
+        "temperature": temperature,
+        "storage": storage.model_dump(mode="json"),
+        "views": views.model_dump(mode="json"),
+        "eval": eval_source.fingerprint if eval_source else None,
+    }
+    blob = json.dumps(determining, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

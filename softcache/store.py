@@ -1,0 +1,245 @@
+"""Where the cache is written and read: the Zarr v3 layout, nothing about models.
+
+Layout of a cache (format version 1)::
+
+    cache.zarr/                       root group, attribute "softcache" = manifest
+      soft_labels   (N, V, C)         teacher logits / T, float16 or float32, chunks (R, V, C)
+      sample_index  (N,)    int64     row -> sample in the source dataset
+      labels        (N,)    int64     true label, -1 when unknown
+      inputs        (N, *shape) f32   stored inputs (data-free caches, or on request)
+      view_params   (N, V, P)   f32   per-view augmentation parameters (replayable views)
+      stats/{max_prob,entropy,margin} (N, V) f32, stats/prediction (N, V) int32
+      shard_done    (S,)    uint8     one chunk per shard, so shards never share a chunk
+      eval/                           optional held-out split: same arrays, no shard_done
+
+Every array shares the row chunking R, and the build writes whole chunks only (zarr rewrites a
+chunk on a partial write). No compression: float logits barely compress and decoding costs
+more than the bytes saved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+import zarr
+
+from .errors import CacheError, UsageError
+from .manifest import MANIFEST_ATTR, Manifest
+
+SOFT = "soft_labels"
+INDEX = "sample_index"
+LABELS = "labels"
+INPUTS = "inputs"
+VIEW_PARAMS = "view_params"
+STATS = ("stats/max_prob", "stats/entropy", "stats/margin", "stats/prediction")
+SHARD_DONE = "shard_done"
+EVAL = "eval"
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    shape: tuple[int, ...]
+    dtype: str
+    chunks: tuple[int, ...]
+
+
+def split_arrays(manifest: Manifest, rows: int, *, store_inputs: bool, with_labels: bool = True) -> dict[str, ArraySpec]:
+    """The arrays of one split (root or eval), all chunked by ``layout.chunk_rows`` rows."""
+    lay, views = manifest.layout, manifest.views.count
+    r = max(1, min(lay.chunk_rows, rows)) if rows else lay.chunk_rows
+    width = manifest.classes.count if manifest.storage.mode == "full" else int(manifest.storage.k or 0)
+    specs = {
+        SOFT: ArraySpec((rows, views, width), manifest.storage.dtype, (r, views, width)),
+        INDEX: ArraySpec((rows,), "int64", (r,)),
+    }
+    if with_labels:
+        specs[LABELS] = ArraySpec((rows,), "int64", (r,))
+    for name in STATS:
+        specs[name] = ArraySpec((rows, views), "int32" if name.endswith("prediction") else "float32", (r, views))
+    if store_inputs:
+        shape = tuple(lay.input_shape)
+        specs[INPUTS] = ArraySpec((rows, *shape), "float32", (r, *shape))
+    if manifest.views.param_names:
+        p = len(manifest.views.param_names)
+        specs[VIEW_PARAMS] = ArraySpec((rows, views, p), "float32", (r, views, p))
+    return specs
+
+
+def _fs_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path
+
+
+def _readonly(url: str) -> bool:
+    return url.startswith(("http://", "https://"))
+
+
+def open_group(url: str, mode: str = "r") -> zarr.Group:
+    """Open the root group; a missing path or a non-Zarr directory is a clear CacheError."""
+    if mode == "r":
+        fs, path = _fs_path(url)
+        if not _readonly(url) and not fs.exists(path):
+            raise CacheError(f"{url}: no such cache (path does not exist)")
+    try:
+        return zarr.open_group(url, mode=mode)  # type: ignore[arg-type]
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        raise CacheError(f"{url}: not a Zarr v3 group (no zarr.json): not a softcache cache") from None
+    except (ValueError, zarr.errors.NodeTypeValidationError) as exc:
+        raise CacheError(f"{url}: not a readable Zarr v3 group ({exc})") from None
+
+
+def read_manifest(group: zarr.Group, url: str) -> Manifest:
+    if MANIFEST_ATTR not in group.attrs:
+        raise CacheError(f"{url}: Zarr group has no '{MANIFEST_ATTR}' attribute: not a softcache cache")
+    return Manifest.from_json(group.attrs[MANIFEST_ATTR])
+
+
+def write_manifest(group: zarr.Group, manifest: Manifest) -> None:
+    group.attrs[MANIFEST_ATTR] = manifest.to_json()
+
+
+def prepare_target(url: str, *, overwrite: bool) -> None:
+    """Refuse to write over anything unless asked; with ``overwrite`` remove the old cache."""
+    if _readonly(url):
+        raise UsageError(f"{url}: http(s) URLs are read-only; write caches to a path, file:// or s3://")
+    fs, path = _fs_path(url)
+    if not fs.exists(path):
+        return
+    if fs.isfile(path):
+        raise UsageError(f"{url}: exists and is a file, not a cache directory")
+    if not fs.ls(path):
+        return
+    if not overwrite:
+        what = "a cache" if fs.exists(f"{path.rstrip('/')}/zarr.json") else "a non-empty directory"
+        raise UsageError(f"{url}: {what} already exists there; pass --overwrite to replace it")
+    fs.rm(path, recursive=True)
+
+
+def create_arrays(group: zarr.Group, specs: dict[str, ArraySpec]) -> None:
+    for name, spec in specs.items():
+        parent = group
+        *dirs, leaf = name.split("/")
+        for d in dirs:
+            parent = parent.require_group(d)
+        parent.create_array(
+            leaf,
+            shape=spec.shape,
+            chunks=spec.chunks,
+            dtype=spec.dtype,
+            compressors=None,
+            fill_value=-1 if spec.dtype.startswith("int") else 0,
+            overwrite=True,
+        )
+
+
+def write_rows(group: zarr.Group, start: int, block: dict[str, np.ndarray]) -> None:
+    """Write rows ``start:start+n`` of every named array; callers pass whole chunks."""
+    for name, values in block.items():
+        group[name][start : start + len(values)] = values
+
+
+def mark_shard_done(group: zarr.Group, shard: int) -> None:
+    group[SHARD_DONE][shard] = 1
+
+
+def shards_done(group: zarr.Group) -> np.ndarray:
+    return np.asarray(group[SHARD_DONE][:], dtype=bool)
+
+
+class Split:
+    """One set of cached rows: the root (training) rows or the ``eval`` subgroup."""
+
+    def __init__(self, group: zarr.Group, manifest: Manifest, name: str):
+        self.group, self.manifest, self.name = group, manifest, name
+        self.rows = int(group[SOFT].shape[0])
+
+    def __len__(self) -> int:
+        return self.rows
+
+    @property
+    def has_inputs(self) -> bool:
+        return INPUTS in self.group
+
+    @property
+    def has_labels(self) -> bool:
+        return LABELS in self.group
+
+    def array(self, name: str) -> zarr.Array:
+        return self.group[name]  # type: ignore[return-value]
+
+    def soft_labels(self, rows: slice | np.ndarray | None = None, view: int | None = 0) -> np.ndarray:
+        """Stored values as float32 ``(n, C)`` for one view, or ``(n, V, C)`` with ``view=None``."""
+        sel = slice(None) if rows is None else rows
+        values = self.array(SOFT)[sel] if isinstance(sel, slice) else self.array(SOFT).oindex[sel]
+        values = np.asarray(values, dtype=np.float32)
+        return values if view is None else values[:, view]
+
+    def labels(self) -> np.ndarray:
+        return np.asarray(self.array(LABELS)[:]) if self.has_labels else np.full(self.rows, -1, dtype=np.int64)
+
+    def sample_index(self) -> np.ndarray:
+        return np.asarray(self.array(INDEX)[:])
+
+    def predictions(self, view: int = 0) -> np.ndarray:
+        return np.asarray(self.array("stats/prediction")[:, view])
+
+    def inputs(self, rows: slice | None = None) -> np.ndarray:
+        if not self.has_inputs:
+            raise CacheError(f"cache split {self.name!r} has no stored inputs; pass --data")
+        return np.asarray(self.array(INPUTS)[rows or slice(None)])
+
+    def stats(self) -> Any:
+        """Per-sample teacher statistics as a polars DataFrame, one row per (row, view)."""
+        import polars as pl
+
+        views = self.manifest.views.count
+        cols: dict[str, Any] = {
+            "row": np.repeat(np.arange(self.rows, dtype=np.int64), views),
+            "view": np.tile(np.arange(views, dtype=np.int32), self.rows),
+            "sample": np.repeat(self.sample_index(), views),
+            "label": np.repeat(self.labels(), views),
+        }
+        for name in STATS:
+            cols[name.split("/")[1]] = np.asarray(self.array(name)[:]).reshape(-1)
+        frame = pl.DataFrame(cols)
+        return frame.with_columns(correct=pl.when(pl.col("label") >= 0).then(pl.col("prediction") == pl.col("label")))
+
+
+class Cache:
+    """A cache opened for reading. Opening reads JSON metadata only; nothing is executed."""
+
+    def __init__(self, url: str, group: zarr.Group, manifest: Manifest):
+        self.url, self.group, self.manifest = url, group, manifest
+        self.train = Split(group, manifest, "train")
+        self.eval = Split(group[EVAL], manifest, EVAL) if EVAL in group else None  # type: ignore[arg-type]
+
+    @property
+    def temperature(self) -> float:
+        return self.manifest.temperature
+
+    @property
+    def num_classes(self) -> int:
+        return self.manifest.classes.count
+
+    @property
+    def complete(self) -> bool:
+        return self.manifest.status.state == "complete"
+
+
+def open_cache(url: str, *, allow_incomplete: bool = False) -> Cache:
+    """Open a cache for reading, refusing one still being built unless ``allow_incomplete``."""
+    url = str(url)
+    group = open_group(url, "r")
+    manifest = read_manifest(group, url)
+    if manifest.status.state != "complete" and not allow_incomplete:
+        done = int(shards_done(group).sum()) if SHARD_DONE in group else 0
+        raise CacheError(
+            f"{url}: cache is still being built or was interrupted ({done}/{manifest.layout.num_shards} shards done); "
+            "resume the build, or pass allow_incomplete to read it anyway"
+        )
+    if SOFT not in group:
+        raise CacheError(f"{url}: manifest present but array '{SOFT}' is missing")
+    return Cache(url, group, manifest)
