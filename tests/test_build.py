@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from softcache import store
+from softcache.build import build
+from softcache.config import StudentConfig, TrainConfig
+from softcache.demo import DATA_SPEC
+from softcache.digits import load
+from softcache.errors import CacheError, UsageError
+from softcache.specs import load_model
+from softcache.store import Cache, open_cache
+from softcache.train import train
+from softcache.validate import validate
+
+
+def test_layout_shapes_and_dtypes(cache: Cache) -> None:
+    soft = cache.train.array(store.SOFT)
+    assert soft.shape == (1200, 1, 10) and str(soft.dtype) == "float16"
+    assert soft.chunks == (256, 1, 10)
+    assert cache.eval is not None and cache.eval.rows == 597
+    assert cache.manifest.layout.num_shards == 5  # 1200 rows / 256-row shards
+    np.testing.assert_array_equal(cache.train.sample_index(), np.arange(1200))
+    np.testing.assert_array_equal(cache.train.labels(), load("train").labels.numpy())
+
+
+def test_soft_labels_are_teacher_logits_over_t(cache: Cache, teacher_path: Path) -> None:
+    teacher = load_model(str(teacher_path)).eval()
+    with torch.no_grad():
+        logits = teacher(load("train").inputs).numpy()
+    stored = cache.train.soft_labels()
+    np.testing.assert_allclose(stored, logits / 4.0, rtol=2e-3, atol=2e-3)  # float16 storage
+    np.testing.assert_array_equal(cache.train.predictions(), logits.argmax(1))
+    stats = cache.train.stats()
+    assert set(stats.columns) >= {"row", "view", "sample", "label", "max_prob", "entropy", "margin", "prediction"}
+    assert ((stats["max_prob"] > 0) & (stats["max_prob"] <= 1)).all()
+
+
+def test_float32_storage_is_exact(teacher_path: Path, tmp_path: Path) -> None:
+    small = "softcache.digits:load,split=test"
+    c = build(str(teacher_path), small, str(tmp_path / "c.zarr"), dtype="float32", temperature=2.0, progress=False)
+    teacher = load_model(str(teacher_path)).eval()
+    with torch.no_grad():
+        expected = (teacher(load("test").inputs) / 2.0).numpy()
+    np.testing.assert_allclose(c.train.soft_labels(), expected, rtol=0, atol=1e-6)
+
+
+class NaNTeacher(nn.Module):
+    """Emits NaN for inputs whose first pixel is bright: a broken teacher."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fc(x.flatten(1))
+        return torch.where(x.flatten(1)[:, 9:10] > 0.9, torch.full_like(out, float("nan")), out)
+
+
+def test_nan_teacher_names_rows_and_never_completes(tmp_path: Path) -> None:
+    out = tmp_path / "nan.zarr"
+    with pytest.raises(CacheError, match=r"NaN/Inf logits for rows \[\d+"):
+        build(NaNTeacher(), DATA_SPEC, str(out), progress=False)
+    with pytest.raises(CacheError, match="still being built"):
+        open_cache(str(out))
+    assert not validate(str(out))["valid"]
+
+
+def test_existing_cache_is_not_overwritten_unless_asked(cache: Cache, teacher_path: Path) -> None:
+    before = cache.manifest.cache_key
+    with pytest.raises(UsageError, match="--overwrite"):
+        build(str(teacher_path), DATA_SPEC, cache.url, progress=False)
+    assert validate(cache.url)["valid"] and open_cache(cache.url).manifest.cache_key == before
+
+
+def test_not_a_cache_and_missing_path(tmp_path: Path) -> None:
+    with pytest.raises(CacheError, match="does not exist"):
+        open_cache(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CacheError, match="not a softcache cache"):
+        open_cache(str(tmp_path / "empty"))
+
+
+def test_student_with_wrong_class_count_is_refused(cache: Cache) -> None:
+    with pytest.raises(CacheError, match="10 classes"):
+        train(cache, ["softcache.models:mlp,num_classes=5"], config=TrainConfig(epochs=1), progress=False)
+
+
+@pytest.mark.parametrize("data, message", [
+    ("softcache.digits:load,split=test", "has 597 samples"),
+    ("softcache.digits:load,split=train,seed=1", "fingerprint"),
+])
+def test_dataset_must_match_the_cache(cache: Cache, data: str, message: str) -> None:
+    with pytest.raises(CacheError, match=message):
+        train(cache, ["softcache.models:mlp"], data=data, config=TrainConfig(epochs=1), progress=False)
+
+
+def test_reading_and_training_never_unpickle(cache: Cache, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def refuse(*_a: object, **_k: object) -> None:
+        raise AssertionError("unpickling while reading a cache")
+
+    for target, name in [(pickle, "loads"), (pickle, "load"), (pickle, "Unpickler"), (torch, "load")]:
+        monkeypatch.setattr(target, name, refuse)
+    metadata = " ".join(p.read_text() for p in Path(cache.url).rglob("zarr.json"))
+    assert "pickle" not in metadata.lower() and '"object"' not in metadata
+    opened = open_cache(cache.url)
+    board = train(opened, [StudentConfig(spec="softcache.models:mlp")], out_dir=tmp_path,
+                  config=TrainConfig(epochs=1), progress=False)
+    assert board.height == 1 and Path(board["weights"][0]).suffix == ".safetensors"
+    # the saved student is itself a SPEC that rebuilds the model in a fresh object
+    assert isinstance(load_model(board["weights"][0]), nn.Module)

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from softcache.errors import CacheError, UsageError
+from softcache.manifest import SCHEMA_VERSION, Manifest, Spec
+from softcache.schemas import render, schema_models
+from softcache.store import Cache
+
+SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
+
+
+def test_spec_round_trip_and_typed_values() -> None:
+    spec = Spec.parse("softcache.models:mlp,hidden=32,name=x,flag=true")
+    assert spec.target == "softcache.models:mlp"
+    assert spec.kwargs == {"hidden": 32, "name": "x", "flag": True}
+    assert Spec.parse(str(spec)) == spec
+
+
+def test_spec_rejects_bare_words() -> None:
+    with pytest.raises(UsageError, match="key=value"):
+        Spec.parse("softcache.models:mlp,32")
+
+
+def test_checked_in_schemas_match_models() -> None:
+    """Fails when a model changes without `python -m softcache.schemas` being rerun."""
+    for name, model in schema_models().items():
+        path = SCHEMAS / f"{name}.schema.json"
+        assert path.exists(), f"missing {path}"
+        assert path.read_text() == render(model), f"{path.name} drifted from {model.__name__}"
+
+
+def test_manifest_validates_against_schema(cache: Cache) -> None:
+    schema = json.loads((SCHEMAS / "manifest.schema.json").read_text())
+    jsonschema.validate(cache.manifest.to_json(), schema)
+    broken = cache.manifest.to_json() | {"temperature": -1}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)
+
+
+def test_newer_schema_version_is_refused(cache: Cache) -> None:
+    data = cache.manifest.to_json() | {"schema_version": SCHEMA_VERSION + 1}
+    with pytest.raises(CacheError, match="newer"):
+        Manifest.from_json(data)
+
+
+def test_invalid_manifest_is_one_line(cache: Cache) -> None:
+    data = cache.manifest.to_json()
+    del data["teacher"]
+    with pytest.raises(CacheError) as info:
+        Manifest.from_json(data)
+    assert "teacher" in str(info.value) and "\n" not in str(info.value)
