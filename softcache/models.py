@@ -34,12 +34,12 @@ def mlp(hidden: int = 32, num_classes: int = 10, in_features: int = 64, depth: i
 
 
 def tiny_cnn(channels: int = 8, num_classes: int = 10) -> nn.Module:
-    """About 1.4k parameters at 8 channels: a conv student without BatchNorm."""
+    """About 1.9k parameters at 8 channels: a conv student without BatchNorm. It keeps the 2x2
+    spatial map (no global pooling): on 8x8 digits, where a stroke is matters."""
     c = channels
     return nn.Sequential(
-        nn.Conv2d(1, c, 3, padding=1), nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(c, 2 * c, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(2 * c, num_classes),
+        nn.Conv2d(1, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(c, 2 * c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(2 * c * 4, num_classes),
     )
