@@ -115,3 +115,16 @@ def test_reading_and_training_never_unpickle(cache: Cache, monkeypatch: pytest.M
     assert board.height == 1 and Path(board["weights"][0]).suffix == ".safetensors"
     # the saved student is itself a SPEC that rebuilds the model in a fresh object
     assert isinstance(load_model(board["weights"][0]), nn.Module)
+
+
+def test_device_defaults_to_cpu_without_cuda_and_refuses_missing_cuda() -> None:
+    from softcache.specs import resolve_device
+
+    if torch.cuda.is_available():
+        assert resolve_device(None).type == "cuda"
+    else:
+        assert resolve_device(None).type == "cpu"
+        with pytest.raises(UsageError, match="CUDA is not available"):
+            resolve_device("cuda")
+    with pytest.raises(UsageError, match="unknown device"):
+        resolve_device("tpu9")
