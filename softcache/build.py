@@ -8,8 +8,10 @@ complete only after every shard is done and the arrays check out.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +20,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from . import __version__, store
+from . import __version__, distributed, store
+from .augment import resolve_views, view_blocks
 from .data import batches, describe, load_dataset
 from .errors import CacheError, UsageError
 from .manifest import (
@@ -122,12 +125,27 @@ def dataset_blocks(dataset: Dataset, rows: range, batch_size: int) -> Iterator[R
         offset += len(x)
 
 
+def block_source(dataset: Dataset, batch_size: int, aug: Any | None = None,
+                 views: ViewInfo | None = None) -> Callable[[range], Iterator[RowBlock]]:
+    """``rows -> RowBlocks`` of ``dataset``; with a replayable augmentation every block also
+    carries its ``views.count`` views and their stored parameters (see ``augment.view_blocks``)."""
+    if aug is None or views is None:
+        return lambda rows: dataset_blocks(dataset, rows, batch_size)
+    shape = tuple(next(batches(dataset, range(1), 1))[0].shape[1:])
+    partners = (lambda idx: next(batches(dataset, idx.tolist(), len(idx)))[0].to(torch.float32)) if aug.mixes else None
+    return lambda rows: view_blocks(dataset_blocks(dataset, rows, batch_size), aug, str(views.augment), rows,
+                                    views.count, int(views.seed or 0), len(dataset), shape, partners)  # type: ignore[arg-type]
+
+
 @dataclass
 class BuildPlan:
     """Everything fixed before the first teacher call: the manifest and the row layout."""
 
     manifest: Manifest
     store_inputs: bool = False
+    eval_inputs: bool | None = None
+    """Store the eval split's inputs too (default: as ``store_inputs``). Synthesized caches keep
+    the real held-out inputs out, so the cache can be shared where the data cannot."""
 
 
 def make_manifest(
@@ -182,35 +200,47 @@ def write_split(
     manifest: Manifest,
     device: torch.device,
     progress: Progress,
+    writer: ChunkWriter | None = None,
+    on_done: Callable[[], None] | None = None,
 ) -> None:
-    """Label ``rows`` block by block and write them through the background writer."""
-    writer = ChunkWriter(lambda start, blk: store.write_rows(group, start, blk), rows.start, rows.stop, manifest.layout.chunk_rows)
+    """Label ``rows`` block by block and write them through the background writer.
+
+    With a shared ``writer`` (see :func:`split_writer`) the call returns as soon as the last block
+    is queued, and ``on_done`` runs in the writer thread once the rows are stored: the next shard's
+    teacher work overlaps this shard's last write. Without one, a writer is made and closed here.
+    """
+    own = writer is None
+    if writer is None:
+        writer = split_writer(group, manifest)
+    writer.begin(rows, on_done)
+    store_inputs = store.INPUTS in group
     row = rows.start
     try:
         for block in blocks:
             arrays = label_block(teacher, block, row, manifest.temperature, manifest.storage.dtype, device)
+            if store_inputs:  # the raw inputs; augmented views are re-created from them and view_params
+                arrays[store.INPUTS] = block.inputs.to(torch.float32).numpy()
             writer.append(arrays)
             row += len(block.inputs)
             progress.update(len(block.inputs))
     except BaseException:
         writer.abort()
         raise
-    writer.close()
+    if own:
+        writer.close()
+
+
+def split_writer(group: Any, manifest: Manifest) -> ChunkWriter:
+    """One background writer for all the shards of a split that a build writes."""
+    handles: dict[str, Any] = {}  # arrays opened once, not per chunk (metadata reads are requests remotely)
+    return ChunkWriter(lambda start, blk: store.write_rows(group, start, blk, handles), None, None,
+                       manifest.layout.chunk_rows)
 
 
 def finalize(url: str) -> Manifest:
-    """Check every shard is done and mark the cache complete (idempotent)."""
-    group = store.open_group(url, "r+")
-    manifest = store.read_manifest(group, url)
-    done = store.shards_done(group)
-    if not done.all():
-        missing = np.flatnonzero(~done).tolist()
-        raise CacheError(f"{url}: cannot finalize, shards not done: {missing[:20]}")
-    if manifest.status.state != "complete":
-        manifest.status.state = "complete"
-        manifest.status.finished_at = now_iso()
-        store.write_manifest(group, manifest)
-    return manifest
+    """Check every shard is done and the arrays are whole, consolidate the metadata and mark the
+    cache complete (idempotent; ``softcache finalize URL``). See ``distributed.finalize``."""
+    return distributed.finalize(url)
 
 
 def build(
@@ -229,8 +259,17 @@ def build(
     device: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    views: int = 1,
+    augment: str | Spec | None = None,
+    view_seed: int = 0,
+    shard: str | distributed.ShardSpec | None = None,
+    resume: bool = False,
 ) -> store.Cache:
-    """Label ``data`` (and ``eval_data``) with the teacher and write a complete cache at ``out``."""
+    """Label ``data`` (and ``eval_data``) with the teacher and write a complete cache at ``out``.
+
+    With ``augment`` (a replayable augmentation SPEC) the teacher labels ``views`` views of every
+    sample, drawn with ``view_seed``, and the cache stores each view's parameters so stage 2
+    re-creates exactly the input the teacher saw. The eval split keeps the clean inputs."""
     if dtype not in ("float16", "float32"):
         raise UsageError(f"dtype must be float16 or float32, not {dtype!r}")
     if batch_size < 1:
@@ -250,6 +289,7 @@ def build(
         raise UsageError(f"teacher output has shape {tuple(probe.shape)}; expected (batch, classes)")
     storage_info = storage if isinstance(storage, StorageInfo) else parse_storage(storage, dtype)
     storage_info.dtype = dtype  # type: ignore[assignment]
+    aug, view_info = resolve_views(augment, views, view_seed, len(dataset))  # type: ignore[arg-type]
     manifest = make_manifest(
         teacher_info(model, teacher_spec),
         describe(dataset, data_spec),
@@ -258,15 +298,15 @@ def build(
         list(probe_x.shape[1:]),
         temperature=temperature,
         storage=storage_info,
-        views=ViewInfo(),
+        views=view_info,
         chunk_rows=chunk_rows,
         shard_chunks=shard_chunks,
         eval_source=describe(eval_set, eval_spec) if eval_set is not None else None,
     )
     plan = BuildPlan(manifest=manifest, store_inputs=store_inputs)
-    return run_build(out, model, plan, lambda rows: dataset_blocks(dataset, rows, batch_size),
+    return run_build(out, model, plan, block_source(dataset, batch_size, aug, view_info),
                      (lambda rows: dataset_blocks(eval_set, rows, batch_size)) if eval_set is not None else None,
-                     device=dev, overwrite=overwrite, progress=progress)
+                     device=dev, overwrite=overwrite, progress=progress, shard=shard, resume=resume)
 
 
 def run_build(
@@ -279,26 +319,53 @@ def run_build(
     device: torch.device,
     overwrite: bool,
     progress: bool,
+    shard: str | distributed.ShardSpec | None = None,
+    resume: bool = False,
 ) -> store.Cache:
-    """Create the store, label every shard, then finalize. ``*_blocks(rows)`` yield RowBlocks."""
+    """Create (or join) the store, label this worker's unfinished shards, finalize when all are done.
+
+    ``*_blocks(rows)`` yield RowBlocks. One process does every shard unless ``shard`` (``"I/N"``)
+    or torchrun's ``RANK``/``WORLD_SIZE`` give it a share; ``resume`` lets a plain build continue a
+    partial cache of the same build. The returned cache is complete unless other workers still
+    have shards to do; ``cache.build_report`` says what this worker did.
+    """
+    start = time.perf_counter()
     manifest = plan.manifest
-    store.prepare_target(out, overwrite=overwrite)
-    group = store.open_group(out, "w")
-    store.write_manifest(group, manifest)
-    store.create_arrays(group, store.split_arrays(manifest, manifest.layout.rows, store_inputs=plan.store_inputs))
-    num_shards = manifest.layout.num_shards
-    group.create_array(store.SHARD_DONE, shape=(num_shards,), chunks=(1,), dtype="uint8", compressors=None, fill_value=0)
-    eval_group = None
-    if eval_blocks is not None and manifest.eval is not None:
-        eval_group = group.require_group(store.EVAL)
-        store.create_arrays(eval_group, store.split_arrays(manifest, manifest.eval.rows, store_inputs=plan.store_inputs))
-    total = manifest.layout.rows + (manifest.eval.rows if eval_group is not None and manifest.eval else 0)
-    with Progress(total=total, desc="build", enabled=progress, unit="rows") as bar:
-        if eval_group is not None and manifest.eval is not None:
-            rows = range(manifest.eval.rows)
-            write_split(eval_group, teacher, eval_blocks(rows), rows, manifest, device, bar)
-        for shard, rows in enumerate(shard_ranges(manifest.layout.rows, manifest.layout.shard_rows)):
-            write_split(group, teacher, train_blocks(rows), rows, manifest, device, bar)
-            store.mark_shard_done(group, shard)
-    finalize(out)
-    return store.open_cache(out)
+    me = distributed.resolve_shard(shard)
+    with_eval = eval_blocks is not None and manifest.eval is not None
+    arrays = {"train": store.split_arrays(manifest, manifest.layout.rows, store_inputs=plan.store_inputs)}
+    if with_eval and manifest.eval is not None:
+        eval_inputs = plan.store_inputs if plan.eval_inputs is None else plan.eval_inputs
+        arrays["eval"] = store.split_arrays(manifest, manifest.eval.rows, store_inputs=eval_inputs, eval_split=True)
+    with distributed.WorkerGroup(me) as workers:
+        state = workers.first(
+            lambda: distributed.open_target(out, manifest, arrays, overwrite=overwrite, resume=resume,
+                                            joining=me.source == "shard"),
+            then=lambda: distributed.open_target(out, manifest, arrays, overwrite=False, resume=resume, joining=True),
+        )
+    group = store.open_group(out, "r+")
+    units = distributed.work_units(manifest, with_eval)
+    mine = distributed.assigned(units, me)
+    todo = [] if state == "complete" else distributed.pending(group, mine)
+    desc = "build" if me.count == 1 else f"build {me}"
+    writers: dict[str, ChunkWriter] = {}  # one per split, across shards; flags set after the data
+    try:
+        with Progress(total=sum(len(u.rows) for u in todo), desc=desc, enabled=progress, unit="rows") as bar:
+            for unit in todo:
+                split = distributed.split_group(group, unit.split)
+                blocks = train_blocks if unit.split == "train" else eval_blocks
+                if unit.split not in writers:
+                    writers[unit.split] = split_writer(split, manifest)
+                write_split(split, teacher, blocks(unit.rows), unit.rows, manifest, device, bar,  # type: ignore[misc]
+                            writer=writers[unit.split], on_done=functools.partial(store.mark_shard_done, split, unit.shard))
+            for writer in writers.values():
+                writer.close()
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    complete = distributed.finalize_if_done(out)
+    cache = store.open_cache(out, allow_incomplete=True)
+    cache.build_report = distributed.build_report(out, me, state, mine, todo, complete, time.perf_counter() - start,
+                                                  len(units))
+    return cache

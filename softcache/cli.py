@@ -41,16 +41,126 @@ def _emit(obj: Any, as_json: bool, human: str) -> None:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
+    import warnings
+
     from .build import build
 
     start = time.perf_counter()
-    cache = build(args.teacher, args.data, args.out, eval_data=args.eval_data, temperature=args.temperature,
-                  storage=args.storage, dtype=args.dtype, batch_size=args.batch_size, chunk_rows=args.chunk_rows,
-                  store_inputs=args.store_inputs, device=args.device, overwrite=args.overwrite, progress=not args.quiet)
+    with warnings.catch_warnings():
+        warnings.showwarning = _warning_lines
+        cache = build(args.teacher, args.data, args.out, eval_data=args.eval_data, temperature=args.temperature,
+                      storage=args.storage, dtype=args.dtype, batch_size=args.batch_size, chunk_rows=args.chunk_rows,
+                      shard_chunks=args.shard_chunks, store_inputs=args.store_inputs, device=args.device,
+                      overwrite=args.overwrite, progress=not args.quiet, shard=args.shard, resume=args.resume,
+                      views=args.views, augment=args.augment, view_seed=args.view_seed or 0)
+    report = cache.build_report or {}
     summary = {"url": cache.url, "rows": cache.train.rows, "eval_rows": cache.eval.rows if cache.eval else 0,
-               "cache_key": cache.manifest.cache_key, "seconds": round(time.perf_counter() - start, 3)}
-    _emit(summary, args.json, f"built {cache.url}: {summary['rows']} rows (+{summary['eval_rows']} eval), "
-          f"T={cache.temperature:g}, key {cache.manifest.cache_key[:12]} in {summary['seconds']:.1f}s")
+               "cache_key": cache.manifest.cache_key, "complete": cache.complete,
+               "seconds": round(time.perf_counter() - start, 3), "worker": report}
+    done = (f"built {cache.url}" if cache.complete else
+            f"shard {report.get('shard')} of {cache.url} done; the cache completes when the other workers finish")
+    _emit(summary, args.json, f"{done}: {summary['rows']} rows (+{summary['eval_rows']} eval), "
+          f"T={cache.temperature:g}, key {cache.manifest.cache_key[:12]}; this worker wrote "
+          f"{len(report.get('units_written', []))} shard(s), skipped {report.get('units_skipped', 0)} already done, "
+          f"in {summary['seconds']:.1f}s")
+    return 0
+
+
+def _warning_lines(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                   file: Any = None, line: str | None = None) -> None:
+    """Library warnings as one line with the contract's prefix (they say what to expect)."""
+    print(f"softcache: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _synth_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per SynthConfig field, so the CLI, the API and pipeline files cannot drift."""
+    from .config import SynthConfig
+
+    for name, field in SynthConfig.model_fields.items():
+        flag, what = "--" + name.replace("_", "-"), f"{field.description or name} (default {field.default})"
+        if name == "method":
+            p.add_argument(flag, choices=["deepinversion", "noise"], default=None, help=what)
+        elif name == "input_range":
+            p.add_argument(flag, default=None, metavar="LOW,HIGH", help=what)
+        else:
+            p.add_argument(flag, type=type(field.default), default=None, help=what)
+
+
+def _cmd_synthesize(args: argparse.Namespace) -> int:
+    import warnings
+
+    from pydantic import ValidationError
+
+    from .config import SynthConfig
+    from .synth import SynthWarning, synthesize
+
+    given = {name: getattr(args, name) for name in SynthConfig.model_fields if getattr(args, name) is not None}
+    if "input_range" in given:
+        try:
+            given["input_range"] = tuple(float(v) for v in given["input_range"].split(","))
+        except ValueError:
+            raise UsageError(f"--input-range must be LOW,HIGH, not {given['input_range']!r}") from None
+    try:
+        shape = [int(v) for v in args.input_shape.split(",")] if args.input_shape else None
+        config = SynthConfig(**given)
+    except ValueError as exc:
+        if isinstance(exc, ValidationError):
+            first = exc.errors()[0]
+            raise UsageError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise UsageError(f"--input-shape must be comma-separated integers, not {args.input_shape!r}") from None
+    if args.reuse_inputs is None and (args.samples is None or shape is None):
+        raise UsageError("synthesize needs --samples N and --input-shape C,H,W (or --reuse-inputs URL)")
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", SynthWarning)
+        warnings.showwarning = _warning_lines
+        result = synthesize(args.teacher, args.out, samples=args.samples, input_shape=shape, config=config,
+                            seed=args.seed, temperature=args.temperature, dtype=args.dtype, views=args.views,
+                            augment=args.augment, view_seed=args.view_seed, eval_data=args.eval_data,
+                            reuse_inputs=args.reuse_inputs,
+                            chunk_rows=args.chunk_rows, device=args.device, overwrite=args.overwrite,
+                            progress=not args.quiet)
+    cache = result.cache
+    source = cache.manifest.source
+    summary = {"url": cache.url, "rows": cache.train.rows, "views": cache.manifest.views.count,
+               "method": source.method, "seed": source.seed,  # type: ignore[union-attr]
+               "synthesis_seconds": round(result.seconds, 3), "seconds": round(time.perf_counter() - start, 3),
+               "target_rate": result.target_rate, "fallback": result.fallback, "cache_key": cache.manifest.cache_key}
+    _emit(summary, args.json, f"synthesized {cache.url}: {summary['rows']} inputs ({summary['method']}, seed {summary['seed']}) "
+          f"x {summary['views']} view(s), T={cache.temperature:g}; teacher predicts the target class for "
+          f"{100 * result.target_rate:.1f}%; synthesis {result.seconds:.1f}s, total {summary['seconds']:.1f}s")
+    return 0
+
+
+def _cmd_finalize(args: argparse.Namespace) -> int:
+    from .build import finalize
+
+    manifest = finalize(args.url)
+    obj = {"url": args.url, "complete": True, "cache_key": manifest.cache_key, "rows": manifest.layout.rows,
+           "num_shards": manifest.layout.num_shards, "finished_at": manifest.status.finished_at}
+    _emit(obj, args.json, f"complete: {args.url} ({manifest.layout.rows} rows, {manifest.layout.num_shards} shards, "
+          f"key {manifest.cache_key[:12]})")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import load_pipeline, run_pipeline, summary
+    from .train import format_board
+
+    start = time.perf_counter()
+    cfg = load_pipeline(args.file, args.set or [])
+    results = run_pipeline(cfg, only=args.only, shard=args.shard, progress=not args.quiet)
+    obj = summary(cfg, args.file, results, time.perf_counter() - start)
+    lines = []
+    for r in results:
+        what = r.detail.get("output") or r.detail.get("reason") or ""
+        lines.append(f"{r.stage:<20} {r.status:<9} {what}" + (f"  ({r.seconds:.1f}s)" if r.seconds else ""))
+        if r.status == "ran" and "leaderboard" in r.detail:
+            import polars as pl
+
+            lines.append(format_board(pl.DataFrame(r.detail["leaderboard"])))
+    lines.append(f"pipeline {cfg.name}: {len(obj['ran'])} stage(s) ran in {obj['seconds']:.1f}s")
+    _emit(obj, args.json, "\n".join(lines))
     return 0
 
 
@@ -78,13 +188,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     try:
         students = student_grid(args.student, args.temperature, args.alpha, args.lr, args.seed, args.label_smoothing)
-        config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, shuffle_seed=args.shuffle_seed, device=args.device)
+        config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, shuffle_seed=args.shuffle_seed, device=args.device,
+                             loader=args.loader, memory_budget=_size(args.memory_budget), buffer_chunks=args.buffer_chunks,
+                             workers=args.workers, start_method=args.start_method, group=not args.no_group)
     except ValidationError as exc:
         first = exc.errors()[0]
         raise UsageError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-    board = train(args.cache, students, data=args.data, eval_data=args.eval_data, out_dir=args.out, config=config,
+    from .store import open_cache
+
+    cache = open_cache(args.cache, allow_incomplete=args.allow_incomplete)
+    board = train(cache, students, data=args.data, eval_data=args.eval_data, out_dir=args.out, config=config,
                   progress=not args.quiet)
     _emit({"leaderboard": board.to_dicts(), "out": args.out}, args.json, format_board(board))
+    return 0
+
+
+def _size(text: str | None) -> int | None:
+    from .stream import parse_size
+
+    return None if text is None else parse_size(text)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import format_report, run_bench
+
+    log = None if args.quiet or args.json else (lambda msg: print(f"softcache: bench: {msg}", file=sys.stderr, flush=True))
+    command = "softcache bench" + " --quick" * args.quick + (f" --threads {args.threads}" if args.threads else "")
+    result = run_bench(quick=args.quick, workdir=args.workdir, log=log, command=command)
+    _emit(result, args.json, format_report(result))
     return 0
 
 
@@ -92,7 +223,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from .store import open_cache
     from .validate import summarize
 
-    info = summarize(open_cache(args.url, allow_incomplete=True))
+    cache = open_cache(args.url, allow_incomplete=args.allow_incomplete)
+    info = summarize(cache)
+    if not cache.complete:
+        from .distributed import units_done
+
+        info["shards_done"], info["shards_total"] = units_done(cache.group, cache.manifest)
     m = info["manifest"]
     src = m["source"]
     human = "\n".join([
@@ -106,7 +242,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         f"soft labels  T={info['temperature']:g}, {info['storage']['mode']} {info['storage']['dtype']}, "
         f"{info['bytes_per_sample']:.1f} bytes/sample",
         f"teacher      train accuracy {_pct(info['teacher_train_accuracy'])}, mean max prob {_pct(info['teacher_mean_max_prob'])}",
-    ])
+    ] + ([f"build        {info['shards_done']}/{info['shards_total']} shards done (incomplete: figures cover "
+           "written rows only)"] if not cache.complete else []))
     _emit(info, args.json, human)
     return 0
 
@@ -137,7 +274,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_stats(args: argparse.Namespace) -> int:
     from .store import open_cache
 
-    cache = open_cache(args.url)
+    cache = open_cache(args.url, allow_incomplete=args.allow_incomplete)
     split = cache.eval if args.split == "eval" else cache.train
     if split is None:
         raise UsageError("this cache has no eval split")
@@ -161,6 +298,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     from .train import format_board
 
+    if args.data_free:
+        return _demo_datafree(args)
     start = time.perf_counter()
     board, cache, teacher_acc = run_demo(args.workdir, overwrite=args.overwrite, device=args.device, progress=not args.quiet)
     seconds = time.perf_counter() - start
@@ -170,6 +309,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
              f"leaderboard: {os.path.join(args.workdir, 'leaderboard.parquet')}  ({seconds:.1f}s)")
     _emit(obj, args.json, human)
     return 0
+
+
+def _demo_datafree(args: argparse.Namespace) -> int:
+    from .demo import format_datafree, run_datafree_demo
+
+    start = time.perf_counter()
+    board, teacher_acc = run_datafree_demo(args.workdir, overwrite=args.overwrite, device=args.device,
+                                           progress=not args.quiet)
+    seconds = time.perf_counter() - start
+    obj = {"workdir": args.workdir, "teacher_test_accuracy": teacher_acc, "leaderboard": board.to_dicts(),
+           "seconds": round(seconds, 2)}
+    human = (f"teacher test accuracy {100 * teacher_acc:.2f}% (trained on real data; students saw synthesized inputs only)\n"
+             f"{format_datafree(board)}\nleaderboard: {os.path.join(args.workdir, 'leaderboard.parquet')}  ({seconds:.1f}s)")
+    _emit(obj, args.json, human)
+    return 0
+
+
+def _view_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--views", type=int, default=1,
+                   help="label this many augmented views of every input (needs --augment); stage 2 replays them exactly")
+    p.add_argument("--augment", default=None, metavar="SPEC",
+                   help="replayable augmentation, e.g. softcache.augment:compose,crop=0.6,flip=0.5,shift=1,mixup=0.4,cutmix=1")
+    p.add_argument("--view-seed", type=int, default=None,
+                   help="seeds the view parameters, which the cache stores (default: 0; synthesize: --seed)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,8 +354,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store-inputs", action="store_true", help="also store the inputs in the cache")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when present)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache at --out")
+    p.add_argument("--shard-chunks", type=int, default=1,
+                   help="chunks per shard: the unit of work split between workers and redone on resume")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="do worker I's share of N (job arrays); under torchrun RANK/WORLD_SIZE are used instead")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a partial cache of the same build at --out: finished shards are skipped")
+    _view_flags(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_cmd_build)
+
+    p = sub.add_parser("synthesize", parents=[common],
+                       help="data-free: make inputs from the teacher alone and cache them with its soft labels")
+    p.add_argument("--teacher", required=True, help="SPEC or weights.safetensors (BatchNorm layers make synthesis work)")
+    p.add_argument("--out", required=True, help="cache URL: path, file://, s3://")
+    p.add_argument("--samples", type=int, default=None, help="number of inputs to synthesize")
+    p.add_argument("--input-shape", default=None, metavar="C,H,W", help="shape of one input, e.g. 1,8,8")
+    p.add_argument("--seed", type=int, default=0, help="seeds the starting noise, the targets and the views")
+    _synth_flags(p)
+    p.add_argument("--temperature", type=float, default=8.0, help="synthetic inputs want a higher T (default 8)")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    p.add_argument("--eval-data", default=None,
+                   help="real held-out dataset SPEC: the teacher's outputs on it (not its inputs) go to the eval split")
+    p.add_argument("--reuse-inputs", default=None, metavar="URL",
+                   help="relabel the inputs of an earlier synthesized cache of this teacher instead of synthesizing")
+    _view_flags(p)
+    p.add_argument("--chunk-rows", type=int, default=4096)
+    p.add_argument("--device", default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing cache at --out")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cmd_synthesize)
+
+    p = sub.add_parser("finalize", parents=[common], help="check a sharded cache and mark it complete")
+    p.add_argument("url")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cmd_finalize)
+
+    p = sub.add_parser("run", parents=[common], help="run a pipeline file (teacher, build, students)")
+    p.add_argument("file", help="pipeline TOML, e.g. pipelines/digits.toml")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a key before validation, e.g. cache.temperature=8 or train.*.epochs=5; repeatable")
+    p.add_argument("--only", default=None, metavar="STAGES",
+                   help="comma-separated stages: teacher, build, train (all train stages) or train:NAME")
+    p.add_argument("--shard", default=None, metavar="I/N", help="build stage only: this worker's share of N")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cmd_run)
 
     p = sub.add_parser("train", parents=[common], help="train students against a cache (no teacher)")
     p.add_argument("--cache", required=True)
@@ -207,14 +413,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--shuffle-seed", type=int, default=0)
+    p.add_argument("--loader", choices=["auto", "memory", "stream"], default="auto",
+                   help="memory: soft labels in RAM; stream: chunk-shuffled reads for caches larger than RAM; "
+                        "auto (default): memory when they fit --memory-budget")
+    p.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="RAM auto mode may use for soft labels, e.g. 2GiB (default: $SOFTCACHE_MEMORY_BUDGET, "
+                        "else the smaller of 4 GiB and half the RAM)")
+    p.add_argument("--buffer-chunks", type=int, default=4,
+                   help="stream mode: chunks decoded and shuffled together (more = better shuffle, more memory)")
+    p.add_argument("--workers", type=int, default=0, help="stream mode: worker processes reading the store")
+    p.add_argument("--start-method", choices=["fork", "spawn", "forkserver"], default=None,
+                   help="how stream-mode workers start (default: the platform's)")
+    p.add_argument("--no-group", action="store_true",
+                   help="step students one by one instead of stacking those that share an architecture")
     p.add_argument("--out", required=True, help="directory for leaderboard.parquet and students/*.safetensors")
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="read a cache that is still being built (or was interrupted)")
     p.set_defaults(handler=_cmd_train)
+
+    p = sub.add_parser("bench", parents=[common], help="measure the performance claims side by side")
+    p.add_argument("--quick", action="store_true", help="smaller workload and fewer rounds (well under 2 minutes)")
+    p.add_argument("--workdir", default=None, help="where the benchmark cache goes (default: a temporary directory)")
+    p.add_argument("--json", action="store_true", help="one JSON object with the figures")
+    p.set_defaults(handler=_cmd_bench)
 
     p = sub.add_parser("inspect", parents=[common], help="summarise a cache")
     p.add_argument("url")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="read a cache that is still being built (or was interrupted)")
     p.set_defaults(handler=_cmd_inspect)
 
     p = sub.add_parser("validate", parents=[common], help="check a cache; exit 0 valid, 1 invalid")
@@ -227,11 +456,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url")
     p.add_argument("--split", choices=["train", "eval"], default="train")
     p.add_argument("--out", default=None, help="write the table as Parquet")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="read a cache that is still being built (or was interrupted)")
     p.set_defaults(handler=_cmd_stats)
 
     p = sub.add_parser("demo", parents=[common], help="the main job on the embedded digits data")
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--overwrite", action="store_true", help="replace earlier demo outputs in --workdir")
+    p.add_argument("--data-free", action="store_true",
+                   help="teacher from real data, students from synthesized inputs only (a few CPU minutes)")
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_cmd_demo)

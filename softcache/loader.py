@@ -2,12 +2,13 @@
 
 Random row access into a chunked store touches nearly every chunk per batch, so nothing here
 fancy-indexes the store: soft labels are read whole-chunk into RAM and batches are tensor
-indexing.
+indexing. Caches larger than RAM stream chunk-shuffled instead (``softcache.stream``), which
+also chooses between the two modes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,14 +38,18 @@ class MemoryLoader:
     """All inputs and soft labels held as tensors; each epoch is a seeded shuffle.
 
     ``soft`` is ``(N, V, C)``; epoch ``e`` shows row ``r`` through view ``(r + e) % V`` so
-    every stored view is used in turn (with one view this is always view 0).
+    every stored view is used in turn (with one view this is always view 0). With ``replay``
+    (augmented views, see ``augment.ViewReplay``) the batch's inputs are that same view re-created
+    from the raw inputs, so inputs and soft labels always belong to one view.
     """
 
     def __init__(self, inputs: torch.Tensor, soft: torch.Tensor | None, labels: torch.Tensor, *,
-                 batch_size: int, shuffle_seed: int = 0, device: torch.device | str = "cpu", shuffle: bool = True):
+                 batch_size: int, shuffle_seed: int = 0, device: torch.device | str = "cpu", shuffle: bool = True,
+                 replay: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
         if soft is not None and len(soft) != len(inputs):
             raise CacheError(f"{len(inputs)} inputs but {len(soft)} cached rows")
         self.device = torch.device(device)
+        self.replay = replay.to(self.device) if hasattr(replay, "to") else replay  # type: ignore[union-attr]
         self.inputs = inputs.to(self.device)
         self.soft = soft.to(self.device) if soft is not None else None
         self.labels = labels.to(self.device)
@@ -60,10 +65,10 @@ class MemoryLoader:
         views = self.soft.shape[1] if self.soft is not None else 1
         for start in range(0, n, self.batch_size):
             rows = order[start : start + self.batch_size]
-            soft = None
-            if self.soft is not None:
-                soft = self.soft[rows, views_of(rows, epoch, views)] if views > 1 else self.soft[rows, 0]
-            yield Batch(rows=rows, inputs=self.inputs[rows], soft=soft, labels=self.labels[rows])
+            view = views_of(rows, epoch, views) if views > 1 else torch.zeros_like(rows)
+            soft = self.soft[rows, view] if self.soft is not None else None
+            inputs = self.replay(rows, view) if self.replay is not None else self.inputs[rows]
+            yield Batch(rows=rows, inputs=inputs, soft=soft, labels=self.labels[rows])  # type: ignore[arg-type]
 
 
 class SoftLabelDataset(Dataset):

@@ -120,6 +120,9 @@ class ViewInfo(_Model):
     replay: Literal["identity", "params", "stored"] = "identity"
     augment: Spec | None = None
     param_names: list[str] = Field(default_factory=list)
+    seed: int | None = Field(
+        default=None, description="seed the view parameters were drawn from (they are stored; this keys the cache)"
+    )
 
 
 class Layout(_Model):

@@ -16,11 +16,12 @@ from pydantic import BaseModel
 
 from .config import StudentConfig, TrainConfig
 from .manifest import Manifest
+from .pipeline import PipelineConfig
 
 
 def schema_models() -> dict[str, type[BaseModel]]:
     """File name (without ``.schema.json``) -> model."""
-    return {"manifest": Manifest, "student": StudentConfig, "train": TrainConfig}
+    return {"manifest": Manifest, "student": StudentConfig, "train": TrainConfig, "pipeline": PipelineConfig}
 
 
 def render(model: type[BaseModel]) -> str:

@@ -10,7 +10,13 @@ Layout of a cache (format version 1)::
       view_params   (N, V, P)   f32   per-view augmentation parameters (replayable views)
       stats/{max_prob,entropy,margin} (N, V) f32, stats/prediction (N, V) int32
       shard_done    (S,)    uint8     one chunk per shard, so shards never share a chunk
-      eval/                           optional held-out split: same arrays, no shard_done
+      eval/                           optional held-out split: same arrays, one clean view, no
+                                      view_params; its own shard_done (E,) for its shards
+
+Shards (``layout.shard_rows`` rows, whole chunks) are the units of a build; a shard's flag is set
+only after all its chunks are stored (see ``distributed.py`` for the multi-worker protocol). A
+complete cache has its metadata consolidated into the root ``zarr.json``, so opening it is one
+read whatever the number of arrays, which matters on object stores and HTTP.
 
 Every array shares the row chunking R, and the build writes whole chunks only (zarr rewrites a
 chunk on a partial write). No compression: float logits barely compress and decoding costs
@@ -46,9 +52,13 @@ class ArraySpec:
     chunks: tuple[int, ...]
 
 
-def split_arrays(manifest: Manifest, rows: int, *, store_inputs: bool, with_labels: bool = True) -> dict[str, ArraySpec]:
-    """The arrays of one split (root or eval), all chunked by ``layout.chunk_rows`` rows."""
-    lay, views = manifest.layout, manifest.views.count
+def split_arrays(manifest: Manifest, rows: int, *, store_inputs: bool, with_labels: bool = True,
+                 eval_split: bool = False) -> dict[str, ArraySpec]:
+    """The arrays of one split (root or eval), all chunked by ``layout.chunk_rows`` rows.
+
+    The eval split always holds one view, the clean input: it measures agreement on held-out
+    data as the student will see it, whatever views the training rows were labelled through."""
+    lay, views = manifest.layout, (1 if eval_split else manifest.views.count)
     r = max(1, min(lay.chunk_rows, rows)) if rows else lay.chunk_rows
     width = manifest.classes.count if manifest.storage.mode == "full" else int(manifest.storage.k or 0)
     specs = {
@@ -62,7 +72,7 @@ def split_arrays(manifest: Manifest, rows: int, *, store_inputs: bool, with_labe
     if store_inputs:
         shape = tuple(lay.input_shape)
         specs[INPUTS] = ArraySpec((rows, *shape), "float32", (r, *shape))
-    if manifest.views.param_names:
+    if manifest.views.param_names and not eval_split:
         p = len(manifest.views.param_names)
         specs[VIEW_PARAMS] = ArraySpec((rows, views, p), "float32", (r, views, p))
     return specs
@@ -77,15 +87,24 @@ def _readonly(url: str) -> bool:
     return url.startswith(("http://", "https://"))
 
 
-def open_group(url: str, mode: str = "r") -> zarr.Group:
-    """Open the root group; a missing path or a non-Zarr directory is a clear CacheError."""
-    if mode == "r":
-        fs, path = _fs_path(url)
-        if not _readonly(url) and not fs.exists(path):
-            raise CacheError(f"{url}: no such cache (path does not exist)")
+is_readonly = _readonly
+
+
+def open_group(url: str, mode: str = "r", *, consolidated: bool | None = None) -> zarr.Group:
+    """Open the root group; a missing path or a non-Zarr directory is a clear CacheError.
+
+    Only ``zarr.json`` is read (no probing for Zarr v2 files), and whether the path exists is
+    asked only after a failure, so opening a remote cache is one or two requests. The arrays'
+    metadata comes from the consolidated copy when there is one, unless ``consolidated=False``
+    (checkers read each array's own ``zarr.json``).
+    """
     try:
-        return zarr.open_group(url, mode=mode)  # type: ignore[arg-type]
+        return zarr.open_group(url, mode=mode, zarr_format=3, use_consolidated=consolidated)  # type: ignore[arg-type]
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        if not _readonly(url):
+            fs, path = _fs_path(url)
+            if not fs.exists(path):
+                raise CacheError(f"{url}: no such cache (path does not exist)") from None
         raise CacheError(f"{url}: not a Zarr v3 group (no zarr.json): not a softcache cache") from None
     except (ValueError, zarr.errors.NodeTypeValidationError) as exc:
         raise CacheError(f"{url}: not a readable Zarr v3 group ({exc})") from None
@@ -135,10 +154,97 @@ def create_arrays(group: zarr.Group, specs: dict[str, ArraySpec]) -> None:
         )
 
 
-def write_rows(group: zarr.Group, start: int, block: dict[str, np.ndarray]) -> None:
-    """Write rows ``start:start+n`` of every named array; callers pass whole chunks."""
+def ensure_arrays(group: zarr.Group, specs: dict[str, ArraySpec]) -> None:
+    """Create the arrays that are missing and check the ones present, never overwriting.
+
+    Workers sharing a store all call this: an array another worker created (and may be
+    writing) is left alone, and one with another shape, dtype or chunking is an error.
+    """
+    for name, spec in specs.items():
+        *dirs, leaf = name.split("/")
+        parent = group
+        for d in dirs:
+            parent = parent.require_group(d)
+        try:
+            parent.create_array(leaf, shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype, compressors=None,
+                                fill_value=-1 if spec.dtype.startswith("int") else 0, overwrite=False)
+            continue
+        except (zarr.errors.ContainsArrayError, zarr.errors.ContainsGroupError):  # another worker made it
+            pass
+        node = parent[leaf]
+        found = ArraySpec(tuple(node.shape), str(node.dtype), tuple(node.chunks)) if isinstance(node, zarr.Array) else None
+        if found != spec:
+            raise CacheError(f"array {name!r} in the store is {found}, this build needs {spec}")
+
+
+def peek_manifest(url: str) -> Manifest | None:
+    """The manifest of the cache at ``url``; None when there is nothing (or an empty directory)."""
+    fs, path = _fs_path(url)
+    if not fs.exists(f"{path.rstrip('/')}/zarr.json"):
+        return None
+    group = open_group(url, "r")
+    return read_manifest(group, url)
+
+
+def consolidate(url: str) -> None:
+    """Put every array's metadata into the root ``zarr.json``: opening then costs one read.
+
+    zarr-python writes consolidated metadata as an extension to Zarr v3 that other readers
+    ignore (they read each array's own ``zarr.json``), so it warns; the warning is expected here.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=UserWarning)
+        zarr.consolidate_metadata(url, zarr_format=3)  # type: ignore[arg-type]
+
+
+def stale_consolidated(url: str) -> list[str]:
+    """Nodes whose consolidated metadata differs from their own ``zarr.json`` (the store was
+    edited after it was finalized). Readers trust the consolidated copy, so this is an error;
+    ``softcache finalize URL`` rewrites it. HTTP stores cannot be listed and are not checked."""
+    if _readonly(url):
+        return []
+    recorded_root = open_group(url, "r").metadata.consolidated_metadata
+    if recorded_root is None:
+        return []
+    recorded = recorded_root.flattened_metadata
+    problems = []
+    for path, node in open_group(url, "r", consolidated=False).members(max_depth=None):
+        if path not in recorded:
+            problems.append(f"{path!r} is missing from the consolidated metadata")
+        elif isinstance(node, zarr.Array) and node.metadata.to_dict() != recorded[path].to_dict():
+            problems.append(f"the consolidated metadata of {path!r} differs from its zarr.json")
+    return problems
+
+
+def remove_partial_files(url: str) -> int:
+    """Delete ``*.partial`` files that zarr's local store leaves when killed mid-write (the
+    temporary file it renames into place). Only called once every shard is done, when no
+    worker writes chunks any more. Object stores have no such files."""
+    fs, path = _fs_path(url)
+    if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        return 0
+    leftovers = fs.glob(f"{path.rstrip('/')}/**/*.partial")
+    for leftover in leftovers:
+        fs.rm_file(leftover)
+    return len(leftovers)
+
+
+def write_rows(group: zarr.Group, start: int, block: dict[str, np.ndarray],
+               handles: dict[str, zarr.Array] | None = None) -> None:
+    """Write rows ``start:start+n`` of every named array; callers pass whole chunks.
+
+    ``handles`` keeps the opened arrays between calls: looking an array up reads its metadata,
+    which on an object store is two requests per array per chunk without it.
+    """
     for name, values in block.items():
-        group[name][start : start + len(values)] = values
+        array = handles.get(name) if handles is not None else None
+        if array is None:
+            array = group[name]
+            if handles is not None:
+                handles[name] = array  # type: ignore[assignment]
+        array[start : start + len(values)] = values
 
 
 def mark_shard_done(group: zarr.Group, shard: int) -> None:
@@ -195,7 +301,7 @@ class Split:
         """Per-sample teacher statistics as a polars DataFrame, one row per (row, view)."""
         import polars as pl
 
-        views = self.manifest.views.count
+        views = int(self.array(SOFT).shape[1])
         cols: dict[str, Any] = {
             "row": np.repeat(np.arange(self.rows, dtype=np.int64), views),
             "view": np.tile(np.arange(views, dtype=np.int32), self.rows),
@@ -215,6 +321,9 @@ class Cache:
         self.url, self.group, self.manifest = url, group, manifest
         self.train = Split(group, manifest, "train")
         self.eval = Split(group[EVAL], manifest, EVAL) if EVAL in group else None  # type: ignore[arg-type]
+        self.build_report: dict[str, Any] | None = None
+        """What the build that returned this handle did (``distributed.build_report``); None when
+        the cache was opened for reading."""
 
     @property
     def temperature(self) -> float:
@@ -235,10 +344,12 @@ def open_cache(url: str, *, allow_incomplete: bool = False) -> Cache:
     group = open_group(url, "r")
     manifest = read_manifest(group, url)
     if manifest.status.state != "complete" and not allow_incomplete:
-        done = int(shards_done(group).sum()) if SHARD_DONE in group else 0
+        splits = [g for g in (group, group.get(EVAL)) if isinstance(g, zarr.Group) and SHARD_DONE in g]
+        flags = np.concatenate([shards_done(g) for g in splits]) if splits else np.zeros(0, dtype=bool)
         raise CacheError(
-            f"{url}: cache is still being built or was interrupted ({done}/{manifest.layout.num_shards} shards done); "
-            "resume the build, or pass allow_incomplete to read it anyway"
+            f"{url}: cache is still being built or was interrupted ({int(flags.sum())}/{len(flags)} shards done); "
+            "finish it (softcache build --resume, or softcache finalize once every shard is done), "
+            "or pass --allow-incomplete (allow_incomplete=True) to read it anyway"
         )
     if SOFT not in group:
         raise CacheError(f"{url}: manifest present but array '{SOFT}' is missing")

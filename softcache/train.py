@@ -21,12 +21,15 @@ from torch.utils.data import Dataset
 from .config import StudentConfig, TrainConfig
 from .data import check_matches, load_dataset, materialize
 from .errors import CacheError, UsageError
+from .augment import cache_replay
+from .group import grouped
 from .loader import Batch, MemoryLoader
 from .loss import distillation_loss, rescale
 from .manifest import DatasetSource
 from .progress import Progress
 from .specs import load_model, num_parameters, resolve_device, save_model
 from .store import Cache, open_cache
+from .stream import StreamLoader, open_loader
 
 SoftSource = Callable[[Batch], torch.Tensor | None]
 """Gives the teacher's ``z / T_cache`` for a batch: read from the cache, or from a live teacher."""
@@ -74,15 +77,20 @@ def make_run(config: StudentConfig, num_classes: int, probe: torch.Tensor, devic
     return StudentRun(config=config, model=model, optimizer=optimizer)
 
 
-def fit(runs: Sequence[StudentRun], loader: MemoryLoader, epochs: int, soft_source: SoftSource,
-        cache_temperature: float, progress: bool = False) -> None:
-    """The training pass: each batch is produced once and every student takes a step on it."""
-    with Progress(total=epochs * len(loader), desc="train", enabled=progress, unit="steps") as bar:
+def fit(runs: Sequence[StudentRun], loader: MemoryLoader | StreamLoader, epochs: int, soft_source: SoftSource,
+        cache_temperature: float, progress: bool = False, group: bool = True) -> None:
+    """The training pass: each batch is produced once and every student takes a step on it.
+
+    With ``group`` students that share an architecture step together as one vectorized model
+    (``softcache.group``); each ends with the weights it would have reached alone.
+    """
+    with Progress(total=epochs * len(loader), desc="train", enabled=progress, unit="steps") as bar, \
+            grouped(runs, enabled=group) as steppers:
         for epoch in range(epochs):
             for batch in loader.epoch(epoch):
                 soft = soft_source(batch)
-                for run in runs:
-                    run.step(batch, soft, cache_temperature)
+                for stepper in steppers:
+                    stepper.step(batch, soft, cache_temperature)
                 bar.update(1)
 
 
@@ -196,12 +204,16 @@ def train(
     opened = cache if isinstance(cache, Cache) else open_cache(cache)
     device = resolve_device(cfg.device)
     inputs, _ = _train_inputs(opened, data)
-    soft = torch.from_numpy(opened.train.soft_labels(view=None))
-    labels = torch.from_numpy(opened.train.labels())
-    loader = MemoryLoader(inputs, soft, labels, batch_size=cfg.batch_size, shuffle_seed=cfg.shuffle_seed, device=device)
+    loader = open_loader(opened, inputs=inputs, batch_size=cfg.batch_size, shuffle_seed=cfg.shuffle_seed, device=device,
+                         mode=cfg.loader, memory_budget=cfg.memory_budget, buffer_chunks=cfg.buffer_chunks,
+                         workers=cfg.workers, start_method=cfg.start_method, replay=cache_replay(opened, inputs))
     evaluation = _eval_set(opened, eval_data)
     runs = [make_run(c, opened.num_classes, inputs[:2], device) for c in configs]
-    fit(runs, loader, cfg.epochs, cached_soft, opened.temperature, progress=progress)
+    try:
+        fit(runs, loader, cfg.epochs, cached_soft, opened.temperature, progress=progress, group=cfg.group)
+    finally:
+        if isinstance(loader, StreamLoader):
+            loader.close()
     names = _unique_names(configs)
     weights: list[str | None] = [None] * len(runs)
     if out_dir is not None:

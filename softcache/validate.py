@@ -16,7 +16,8 @@ from .manifest import Manifest, compute_cache_key
 
 
 def _check_split(split: store.Split, manifest: Manifest, rows: int, name: str, errors: list[str], deep: bool) -> None:
-    expected = store.split_arrays(manifest, rows, store_inputs=split.has_inputs, with_labels=split.has_labels)
+    expected = store.split_arrays(manifest, rows, store_inputs=split.has_inputs, with_labels=split.has_labels,
+                                  eval_split=name == "eval")
     for array_name, spec in expected.items():
         if array_name not in split.group:
             errors.append(f"{name}: array {array_name!r} is missing")
@@ -55,13 +56,14 @@ def validate(url: str, *, deep: bool = False) -> dict[str, Any]:
     errors: list[str] = []
     warnings: list[str] = []
     result: dict[str, Any] = {"url": str(url), "valid": False, "errors": errors, "warnings": warnings, "deep": deep}
-    try:
-        group = store.open_group(str(url), "r")
+    try:  # each array's own metadata (not the consolidated copy) unless the store cannot be listed
+        group = store.open_group(str(url), "r", consolidated=None if store.is_readonly(str(url)) else False)
         manifest = store.read_manifest(group, str(url))
     except CacheError as exc:
         errors.append(str(exc))
         return result
     result["cache_key"] = manifest.cache_key
+    errors.extend(f"{p}: run `softcache finalize {url}` to rewrite it" for p in store.stale_consolidated(str(url)))
     if manifest.status.state != "complete":
         errors.append(f"build status is {manifest.status.state!r}, not 'complete'")
     if store.SHARD_DONE in group:

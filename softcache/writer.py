@@ -1,106 +1,203 @@
 """Background writer: the teacher never waits on storage.
 
-Rows arrive in order in batches of any size; they are packed into chunk-sized buffers and each
-full chunk is handed to a thread that writes it. The queue is bounded, so a slow store applies
-back-pressure instead of filling memory, and a write error is raised in the producer at its
-next ``append`` (or at ``close``), not lost in the thread.
+The producer (the teacher loop) hands over batches of rows of any size and goes straight back to
+work: ``append`` only queues references. A writer thread packs the rows into whole chunks of the
+array's chunk grid and writes each chunk once, so the store never does a read-modify-write of a
+partial chunk.
+
+One writer serves a whole build, shard after shard (:meth:`ChunkWriter.begin` starts the next
+row range). A shard's done-flag is set by its ``on_done`` callback, which the writer thread runs
+after the shard's last chunk is written: the flag never precedes the data, and the teacher moves
+on to the next shard without waiting for the previous one's last write.
+
+Two guarantees hold whatever the store does:
+
+- memory is bounded: once ``depth`` chunks' worth of rows are queued and not yet written, the
+  producer waits (back-pressure from a slow store instead of an unbounded queue);
+- a write error is never lost: the thread stops, wakes a producer that is waiting, and the
+  producer's next call (``append``, ``begin``, ``check`` or ``close``) raises the original
+  exception.
 """
 
 from __future__ import annotations
 
-import queue
 import threading
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
 Block = dict[str, np.ndarray]
 
 
-class ChunkWriter:
-    """Packs rows ``[start, stop)`` into whole chunks and writes them off the main thread.
+def block_rows(block: Block) -> int:
+    """Rows in a block; every array of a block must have the same leading length."""
+    lengths = {len(v) for v in block.values()}
+    if len(lengths) != 1:
+        raise ValueError(f"block arrays have different numbers of rows: {sorted(lengths)}")
+    return lengths.pop()
 
-    ``write(start_row, block)`` is called from the writer thread with whole-chunk blocks
-    (the last one may end at ``stop``, the end of the range).
+
+@dataclass(frozen=True)
+class _Range:
+    rows: range
+    on_done: Callable[[], None] | None
+
+
+class ChunkWriter:
+    """Writes row ranges through ``write(first_row, block)`` from a background thread.
+
+    Every ``write`` call covers exactly one chunk of the grid ``[k * chunk_rows, (k + 1) *
+    chunk_rows)`` clipped to the current range: whole chunks when the range starts on a chunk
+    boundary (the build's shards always do), the last one possibly ending at the range's end.
+    ``ChunkWriter(write, start, stop, chunk_rows)`` begins the range ``[start, stop)`` at once;
+    with ``start=None`` call :meth:`begin` for each range. Appended arrays are kept by reference
+    until written, so the producer must not modify them afterwards.
     """
 
-    def __init__(self, write: Callable[[int, Block], None], start: int, stop: int, chunk_rows: int, depth: int = 4):
-        self._write, self._stop, self._chunk = write, stop, chunk_rows
-        self._next = start  # first row of the chunk being filled
-        self._pending: list[Block] = []
-        self._pending_rows = 0
-        self._queue: queue.Queue[tuple[int, Block] | None] = queue.Queue(maxsize=depth)
+    def __init__(self, write: Callable[[int, Block], None], start: int | None, stop: int | None, chunk_rows: int,
+                 depth: int = 4):
+        if chunk_rows < 1 or depth < 1:
+            raise ValueError(f"chunk_rows and depth must be at least 1, not {chunk_rows} and {depth}")
+        self._write, self._chunk = write, chunk_rows
+        self._max_queued = depth * chunk_rows
+        self._cond = threading.Condition()
+        self._items: deque[Block | _Range] = deque()
+        self._range: range | None = None  # the producer's current range
+        self._appended = 0  # rows of the current range handed over
+        self._queued = 0  # rows handed over and not yet written
+        self._closing = False
+        self._aborted = False
         self._error: BaseException | None = None
+        self.rows_written = 0
         self._thread = threading.Thread(target=self._run, name="softcache-writer", daemon=True)
         self._thread.start()
-        self.rows_written = 0
+        if start is not None:
+            self.begin(range(start, start if stop is None else stop))
 
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            if self._error is not None:
-                continue  # drain without writing after a failure
-            try:
-                self._write(*item)
-                self.rows_written += len(next(iter(item[1].values())))
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the producer
-                self._error = exc
+    # -- producer side ------------------------------------------------------------------------
+
+    def begin(self, rows: range, on_done: Callable[[], None] | None = None) -> None:
+        """Start the next range; ``on_done`` runs in the writer thread once all of it is written."""
+        if rows.step != 1 or rows.stop < rows.start:
+            raise ValueError(f"not a row range: {rows}")
+        self._check_complete()
+        with self._cond:
+            self._raise_if_failed()
+            self._items.append(_Range(rows, on_done))
+            self._range, self._appended = rows, 0
+            self._cond.notify_all()
+
+    def append(self, block: Block) -> None:
+        """Queue the next rows; waits only while ``depth`` chunks are already queued."""
+        n = block_rows(block)
+        if self._range is None:
+            raise RuntimeError("append before begin")
+        if self._appended + n > len(self._range):
+            raise ValueError(f"writer range [{self._range.start}, {self._range.stop}) got {self._appended + n} rows")
+        with self._cond:
+            while self._error is None and self._queued >= self._max_queued:
+                self._cond.wait()
+            self._raise_if_failed()
+            if self._closing:
+                raise RuntimeError("append after close")
+            self._items.append(block)
+            self._appended += n
+            self._queued += n
+            self._cond.notify_all()
+
+    def check(self) -> None:
+        """Raise the writer thread's error, if it hit one."""
+        with self._cond:
+            self._raise_if_failed()
+
+    def close(self) -> None:
+        """Write what is queued, wait for the thread, and raise any error it hit."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join()
+        self._raise_if_failed()
+        self._check_complete()
+
+    def abort(self) -> None:
+        """Stop without writing what is still queued (after an error in the producer)."""
+        with self._cond:
+            self._aborted = self._closing = True
+            self._items.clear()
+            self._cond.notify_all()
+        self._thread.join()
+
+    def _check_complete(self) -> None:
+        if self._range is not None and self._appended != len(self._range):
+            raise RuntimeError(f"writer got rows up to {self._range.start + self._appended} "
+                               f"but the range ends at {self._range.stop}")
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise self._error
 
-    def _put(self, item: tuple[int, Block] | None) -> None:
-        while True:
-            self._raise_if_failed()
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+    # -- writer thread ------------------------------------------------------------------------
 
-    def append(self, block: Block) -> None:
-        """Add the next rows (every array with the same leading length)."""
-        self._raise_if_failed()
-        self._pending.append(block)
-        self._pending_rows += len(next(iter(block.values())))
-        self._flush(final=False)
-
-    def _flush(self, final: bool) -> None:
-        while self._pending_rows:
-            target = min(self._chunk, self._stop - self._next)
-            if self._pending_rows < target and not final:
-                return
-            take = min(target, self._pending_rows)
-            merged = {k: np.concatenate([b[k] for b in self._pending]) for k in self._pending[0]}
-            head = {k: v[:take] for k, v in merged.items()}
-            rest = {k: v[take:] for k, v in merged.items()}
-            self._pending = [rest] if len(next(iter(rest.values()))) else []
-            self._pending_rows -= take
-            self._put((self._next, head))
-            self._next += take
-
-    def close(self) -> None:
-        """Write what is left, wait for the thread, and raise any error it hit."""
+    def _run(self) -> None:
+        parts: list[Block] = []  # rows received but not yet written, in order
+        held = 0
+        current: _Range | None = None
+        row = 0  # first row of ``current`` not yet written
         try:
-            self._flush(final=True)
-            if self._next != self._stop and self._error is None:
-                raise RuntimeError(f"writer got rows up to {self._next} but the range ends at {self._stop}")
-        finally:
-            self._put_final()
-        self._raise_if_failed()
+            while True:
+                with self._cond:
+                    while not self._items and not self._closing:
+                        self._cond.wait()
+                    if self._aborted or not self._items:
+                        return
+                    item = self._items.popleft()
+                if isinstance(item, _Range):
+                    current, row = item, item.rows.start
+                    if not len(item.rows) and item.on_done is not None:
+                        item.on_done()
+                    continue
+                parts.append(item)
+                held += block_rows(item)
+                while held and current is not None:
+                    # rows up to the next boundary of the chunk grid, or to the end of the range
+                    target = min(self._chunk - row % self._chunk, current.rows.stop - row)
+                    if held < target:
+                        break
+                    head, parts = _take(parts, target)
+                    held -= target
+                    self._write(row, head)
+                    row += target
+                    with self._cond:
+                        self.rows_written += target
+                        self._queued -= target
+                        self._cond.notify_all()
+                    if row == current.rows.stop and current.on_done is not None:
+                        current.on_done()
+        except BaseException as exc:  # noqa: BLE001 - handed to the producer, raised there
+            with self._cond:
+                self._error = exc
+                self._items.clear()
+                self._cond.notify_all()
 
-    def _put_final(self) -> None:
-        try:
-            self._queue.put(None, timeout=60)
-        except queue.Full:
-            pass
-        self._thread.join()
 
-    def abort(self) -> None:
-        """Stop without writing what is pending (after an error in the producer)."""
-        self._pending, self._pending_rows = [], 0
-        self._error = self._error or RuntimeError("aborted")
-        self._put_final()
+def _take(parts: list[Block], n: int) -> tuple[Block, list[Block]]:
+    """The first ``n`` rows of ``parts`` as one block (a view when one part covers them) and the rest."""
+    taken: list[Block] = []
+    got = 0
+    rest = list(parts)
+    while got < n:
+        part = rest.pop(0)
+        rows = block_rows(part)
+        if got + rows <= n:
+            taken.append(part)
+            got += rows
+        else:
+            cut = n - got
+            taken.append({k: v[:cut] for k, v in part.items()})
+            rest.insert(0, {k: v[cut:] for k, v in part.items()})
+            got = n
+    if len(taken) == 1:
+        return taken[0], rest
+    return {k: np.concatenate([t[k] for t in taken]) for k in taken[0]}, rest
