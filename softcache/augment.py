@@ -248,7 +248,8 @@ class CutMix(Op):
         xs = torch.arange(width, device=inputs.device)[None, :]
         in_rows = (ys >= box[:, 0:1]) & (ys < box[:, 2:3])  # (n, H)
         in_cols = (xs >= box[:, 1:2]) & (xs < box[:, 3:4])  # (n, W)
-        mask = (in_rows[:, :, None] & in_cols[:, None, :]).reshape(len(inputs), *([1] * (inputs.ndim - 3)), height, width)
+        mask = in_rows[:, :, None] & in_cols[:, None, :]
+        mask = mask.reshape(len(inputs), *([1] * (inputs.ndim - 3)), height, width)
         return torch.where(mask, partner, inputs)
 
 
@@ -372,7 +373,8 @@ def check_deterministic(aug: Replayable, label: str, inputs: torch.Tensor, param
                          "for the same inputs and parameters (it draws its own randomness)")
 
 
-def apply_views(aug: Replayable, inputs: torch.Tensor, params: torch.Tensor, partners: PartnerFn | None) -> torch.Tensor:
+def apply_views(aug: Replayable, inputs: torch.Tensor, params: torch.Tensor,
+                partners: PartnerFn | None) -> torch.Tensor:
     """All views of a block: ``inputs (n, *shape)``, ``params (n, V, P)`` -> ``(n, V, *shape)``."""
     n, v = params.shape[:2]
     flat = inputs.repeat_interleave(v, dim=0)
@@ -386,7 +388,8 @@ def resolve_views(augment: Spec | str | None, views: int, seed: int, rows: int) 
         raise UsageError(f"--views must be at least 1, not {views}")
     if augment is None:
         if views != 1:
-            raise UsageError(f"--views {views} needs --augment SPEC (a replayable augmentation, e.g. softcache.augment:compose,shift=1)")
+            raise UsageError(f"--views {views} needs --augment SPEC (a replayable augmentation, "
+                             "e.g. softcache.augment:compose,shift=1)")
         return None, ViewInfo()
     spec = Spec.parse(augment)
     aug = load_augmentation(spec)
@@ -403,7 +406,8 @@ def check_rows(aug: Replayable, rows: int, label: str) -> None:
                          f"this split has {rows}")
 
 
-def shard_params(aug: Replayable, rows: range, views: int, seed: int, population: int, shape: Sequence[int]) -> np.ndarray:
+def shard_params(aug: Replayable, rows: range, views: int, seed: int, population: int,
+                 shape: Sequence[int]) -> np.ndarray:
     """The view parameters of one shard ``(len(rows), V, P)``, from a generator keyed by
     (seed, first row): a shard is the same whether built alone, resumed or in one pass."""
     rng = np.random.default_rng([int(seed), int(rows.start)])

@@ -97,18 +97,22 @@ def run_datafree_demo(workdir: str | Path, *, overwrite: bool = False, device: s
     common = {"eval_data": EVAL_SPEC, "seed": seed, "device": device, "overwrite": overwrite, "progress": progress}
     views = {"views": DATAFREE_VIEWS, "augment": DATAFREE_AUGMENT}
     inversion = synthesize(teacher_spec, str(out / "deepinversion.zarr"), samples=samples, input_shape=[1, 8, 8],
-                           config=SynthConfig(steps=steps, input_range=(0.0, 1.0)), **views, **common)  # type: ignore[arg-type]
+                           config=SynthConfig(steps=steps, input_range=(0.0, 1.0)),
+                           **views, **common)  # type: ignore[arg-type]
     one_view = synthesize(teacher_spec, str(out / "deepinversion-1view.zarr"), reuse_inputs=inversion.cache.url,
                           **common)  # type: ignore[arg-type]
     noise = synthesize(teacher_spec, str(out / "noise.zarr"), samples=samples, input_shape=[1, 8, 8],
-                       config=SynthConfig(method="noise", input_range=(0.0, 1.0)), **views, **common)  # type: ignore[arg-type]
+                       config=SynthConfig(method="noise", input_range=(0.0, 1.0)),
+                       **views, **common)  # type: ignore[arg-type]
     boards = []
-    for name, result, seconds in (("deepinversion", inversion, inversion.seconds),
-                                  ("deepinversion-1view", one_view, inversion.seconds), ("noise", noise, noise.seconds)):
+    runs = (("deepinversion", inversion, inversion.seconds), ("deepinversion-1view", one_view, inversion.seconds),
+            ("noise", noise, noise.seconds))
+    for name, result, seconds in runs:
         board = train_students(result.cache, datafree_students(seed), out_dir=out / "runs" / name,
                                config=TrainConfig(device=device), progress=progress)
         boards.append(board.with_columns(
-            inputs=pl.lit(name), views=pl.lit(result.cache.manifest.views.count), samples=pl.lit(result.cache.train.rows),
+            inputs=pl.lit(name), views=pl.lit(result.cache.manifest.views.count),
+            samples=pl.lit(result.cache.train.rows),
             synthesis_seconds=pl.lit(round(seconds, 2)), teacher_accuracy=pl.lit(teacher_acc),
             relative_accuracy=pl.col("test_accuracy") / teacher_acc, cache=pl.lit(result.cache.url),
         ))

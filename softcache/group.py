@@ -2,9 +2,9 @@
 
 Small students leave the CPU idle: a step of a 64-32-10 MLP is a few microseconds of arithmetic
 inside a few hundred microseconds of per-operation overhead. Students that share an
-architecture are therefore stacked, each parameter becoming one ``(K, ...)`` tensor, and one
-forward, one backward and one optimizer update serve all K of them, each with its own learning
-rate, weight decay, temperature, alpha, label smoothing and initial weights.
+architecture are therefore stacked, the parameters of student k becoming row k of one ``(K, P)``
+buffer, and one forward, one backward and one optimizer update serve all K of them, each with its
+own learning rate, weight decay, temperature, alpha, label smoothing and initial weights.
 
 The result is the same as training each student alone, up to float rounding: the forward runs
 through ``torch.func.functional_call`` under ``torch.func.vmap`` (or, for plain ``nn.Sequential``
@@ -13,7 +13,7 @@ convolutions and batched matrix products that compute the same thing with less o
 :func:`sequential_forward`); the loss is the one of
 :func:`softcache.loss.distillation_loss`, per student, with its gradient written out in closed
 form; the update is ``torch.optim.Adam``'s, per student. Each student's ``nn.Module`` keeps working:
-its parameters are views into the stacked tensors, so it always holds its current weights.
+its parameters are views of its row of the buffer, so it always holds its current weights.
 
 A group falls back to stepping its students one by one when the architecture cannot be stacked:
 modules with buffers (BatchNorm running statistics), random layers such as dropout (vmap refuses

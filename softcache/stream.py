@@ -275,7 +275,10 @@ class BufferStream(IterableDataset):
             groups = self.source.groups(epoch)
             for j in range(-(-len(groups) // workers)):
                 index = j * workers + worker
-                yield self.source.read(epoch, index, groups[index]) if index < len(groups) else self.source.empty(epoch, index)
+                if index < len(groups):
+                    yield self.source.read(epoch, index, groups[index])
+                else:
+                    yield self.source.empty(epoch, index)
             epoch += 1
 
 
@@ -348,6 +351,10 @@ class Prefetcher:
         self._stop.set()
 
 
+def _row_bytes(array: Any) -> int:
+    return int(np.prod(array.shape[1:])) * np.dtype(array.dtype).itemsize
+
+
 def _is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
 
@@ -362,9 +369,9 @@ class StreamLoader:
     """Chunk-shuffled batches from a cache larger than RAM; yields the same :class:`Batch` as
     :class:`MemoryLoader`, with view ``views_of(row, epoch, V)`` like it.
 
-    ``split`` is ``train`` or ``eval``. ``inputs`` (a tensor in RAM, row-aligned with the split) are
-    indexed by row; with
-    ``inputs=None`` the cache's stored inputs are streamed with the soft labels. ``labels``
+    ``split`` is ``train`` or ``eval``. ``inputs`` (a tensor in RAM, row-aligned with the split)
+    are indexed by row; with ``inputs=None`` the cache's stored inputs are streamed with the soft
+    labels. ``labels``
     default to the cache's (read once: 8 bytes per row). ``prefetch`` groups are read ahead by a
     background thread (``workers=0``) or per worker; by default 1 for remote stores, whose reads
     wait on the network, and 0 for local ones, whose reads are CPU work that a thread would only
@@ -409,6 +416,7 @@ class StreamLoader:
         self.source = ChunkSource(opened.url, split, rows=rows, chunk_rows=int(soft.chunks[0]),
                                   views=views, stream_inputs=inputs is None, seed=shuffle_seed, rank=rank,
                                   world_size=world_size, buffer_chunks=buffer_chunks, shuffle=shuffle)
+        self._row_bytes = _row_bytes(soft) + (_row_bytes(split_data.array(store.INPUTS)) if inputs is None else 0)
         self._stream: Iterator[RowBuffer] | None = None
         self._stream_epoch: int | None = None
 
@@ -417,15 +425,8 @@ class StreamLoader:
         return self.source.rows
 
     def buffer_bytes(self) -> int:
-        """Bytes of one decoded group before view selection: the unit of the memory bound."""
-        return self.source.buffer_chunks * self.source.chunk_rows * self._row_bytes()
-
-    def _row_bytes(self) -> int:
-        soft_arr, input_arr = self.source._open()
-        per_row = int(np.prod(soft_arr.shape[1:])) * soft_arr.dtype.itemsize
-        if input_arr is not None:
-            per_row += int(np.prod(input_arr.shape[1:])) * input_arr.dtype.itemsize
-        return per_row
+        """Bytes of one decoded group (every view): the unit of the memory bound."""
+        return self.source.buffer_chunks * self.source.chunk_rows * self._row_bytes
 
     def memory_bound(self) -> int:
         """Upper bound of the bytes this loader's groups occupy at once (see the module docs)."""
@@ -535,7 +536,8 @@ def open_loader(cache: Cache, *, inputs: torch.Tensor | None, batch_size: int, s
                 device: torch.device | str = "cpu", mode: LoaderMode = "auto", memory_budget: int | str | None = None,
                 buffer_chunks: int = DEFAULT_BUFFER_CHUNKS, workers: int = 0,
                 start_method: str | None = None,
-                replay: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> MemoryLoader | StreamLoader:
+                replay: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                ) -> MemoryLoader | StreamLoader:
     """The training split's loader in the mode asked for, or the one that fits the budget.
 
     ``inputs=None`` means the inputs are the ones stored in the cache: read whole in ``memory``

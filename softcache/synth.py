@@ -106,7 +106,8 @@ class _Probes:
             dims = [0, *range(2, x.ndim)]
             mean = x.mean(dims)
             var = x.var(dims, unbiased=False)
-            loss = torch.linalg.vector_norm(mean - module.running_mean) + torch.linalg.vector_norm(var - module.running_var)
+            loss = (torch.linalg.vector_norm(mean - module.running_mean)
+                    + torch.linalg.vector_norm(var - module.running_var))
             self.bn_losses.append(weight * loss)
 
         return hook
@@ -203,7 +204,8 @@ def noise_batch(num: int, shape: Sequence[int], cfg: SynthConfig, seed: int) -> 
 
 
 def synthesize_inputs(teacher: nn.Module, num_samples: int, shape: Sequence[int], num_classes: int, cfg: SynthConfig,
-                      seed: int, device: torch.device, progress: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                      seed: int, device: torch.device,
+                      progress: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(inputs, targets)`` batch by batch. Batch ``b`` is seeded by ``(seed, b)`` so a
     run is reproducible for the same batch size, teacher and device."""
     targets = balanced_targets(num_samples, num_classes, seed)
@@ -216,7 +218,8 @@ def synthesize_inputs(teacher: nn.Module, num_samples: int, shape: Sequence[int]
         p.requires_grad_(False)  # gradients flow to the inputs only
     teacher.eval()
     try:
-        with Progress(total=len(starts) * steps, desc=f"synthesize ({cfg.method})", enabled=progress, unit="steps") as bar:
+        with Progress(total=len(starts) * steps, desc=f"synthesize ({cfg.method})", enabled=progress,
+                      unit="steps") as bar:
             for b, start in enumerate(starts):
                 t = targets[start : start + cfg.batch_size]
                 batch_seed = int(seed) * 1_000_003 + b
@@ -269,7 +272,8 @@ def synthesize(
     """
     dev = resolve_device(device)
     teacher_spec = None if isinstance(teacher, nn.Module) else Spec.parse(teacher)
-    model = (teacher if isinstance(teacher, nn.Module) else load_model(teacher_spec)).to(dev).eval()  # type: ignore[arg-type]
+    model = teacher if isinstance(teacher, nn.Module) else load_model(teacher_spec)  # type: ignore[arg-type]
+    model = model.to(dev).eval()
     eval_set, eval_spec = load_dataset(eval_data) if eval_data is not None else (None, None)
     inputs: torch.Tensor | None = None
     if reuse_inputs is not None:

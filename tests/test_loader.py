@@ -237,9 +237,9 @@ def test_parse_size():
 
 def test_training_in_stream_mode_gives_a_leaderboard(small, tmp_path: Path):
     cache, data = small
-    board = train(cache, [StudentConfig(spec="softcache.models:mlp,hidden=8"), StudentConfig(spec="softcache.models:mlp,hidden=8", seed=1)],
-                  data=data, out_dir=tmp_path, config=TrainConfig(epochs=2, loader="stream", buffer_chunks=2),
-                  progress=False)
+    students = [StudentConfig(spec="softcache.models:mlp,hidden=8", seed=s) for s in (0, 1)]
+    board = train(cache, students, data=data, out_dir=tmp_path,
+                  config=TrainConfig(epochs=2, loader="stream", buffer_chunks=2), progress=False)
     assert len(board) == 2 and board["final_loss"].is_not_null().all()
     assert (tmp_path / "leaderboard.parquet").exists()
 

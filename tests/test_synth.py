@@ -129,7 +129,8 @@ def test_existing_output_is_refused_before_synthesis(tmp_path, teacher_path):
 
 def test_cli_synthesize_then_train_without_a_dataset(tmp_path, teacher_path, capsys):
     url = str(tmp_path / "c.zarr")
-    code = main(["synthesize", "--teacher", str(teacher_path), "--out", url, "--samples", "60", "--input-shape", "1,8,8",
+    code = main(["synthesize", "--teacher", str(teacher_path), "--out", url, "--samples", "60",
+                 "--input-shape", "1,8,8",
                  "--steps", "3", "--batch-size", "30", "--input-range", "0,1", "--seed", "2", "--views", "2",
                  "--augment", "softcache.augment:compose,shift=1", "--json", "--quiet"])
     assert code == 0, capsys.readouterr().err
