@@ -23,3 +23,12 @@ class UsageError(SoftcacheError):
     """The request itself is wrong: bad arguments, missing paths, output already present."""
 
     exit_code = 2
+
+
+def first_validation_error(exc: Exception, default_where: str) -> str:
+    """One line from a pydantic ValidationError: where the first problem is, what it is, and
+    how many there are, so a bad manifest or config file reads as a single error line."""
+    errors = exc.errors()  # type: ignore[attr-defined]
+    first = errors[0]
+    where = ".".join(str(p) for p in first["loc"]) or default_where
+    return f"{where}: {first['msg']} ({len(errors)} error(s))"

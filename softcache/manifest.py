@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator
 
-from .errors import CacheError, UsageError
+from .errors import CacheError, UsageError, first_validation_error
 
 SCHEMA_VERSION = 1
 """Bumped on any change an older reader could misread. Readers refuse newer versions."""
@@ -187,9 +187,7 @@ class Manifest(_Model):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "manifest"
-            raise CacheError(f"invalid manifest: {where}: {first['msg']} ({exc.error_count()} error(s))") from None
+            raise CacheError(f"invalid manifest: {first_validation_error(exc, 'manifest')}") from None
 
 
 def compute_cache_key(

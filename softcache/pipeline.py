@@ -86,7 +86,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from .config import StudentConfig, SynthConfig, TrainConfig
-from .errors import UsageError
+from .errors import UsageError, first_validation_error
 from .manifest import Spec, now_iso
 
 
@@ -303,9 +303,7 @@ def load_pipeline(path: str | Path, sets: Sequence[str] = ()) -> PipelineConfig:
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "file"
-        raise UsageError(f"{path}: {where}: {first['msg']} ({exc.error_count()} error(s))") from None
+        raise UsageError(f"{path}: {first_validation_error(exc, 'file')}") from None
 
 
 # --- running ------------------------------------------------------------------------------
