@@ -223,19 +223,21 @@ def stacked_loss(logits: torch.Tensor, soft: torch.Tensor | None, labels: torch.
 
 
 class StackedAdam:
-    """``torch.optim.Adam`` (L2 weight decay, no amsgrad) over a ``(K, P)`` buffer holding every
+    """``torch.optim.Adam`` (L2 weight decay, no amsgrad) over one flat buffer holding every
     parameter of K students, with a learning rate and weight decay per student; the arithmetic
     follows torch's single-tensor Adam. One buffer means one set of update operations per step,
-    whatever the number of parameter tensors."""
+    whatever the number of parameter tensors. ``student[i]`` says which student element ``i``
+    belongs to; learning rate and weight decay are expanded to one value per element once."""
 
-    def __init__(self, flat: torch.Tensor, lrs: Sequence[float], weight_decays: Sequence[float],
-                 betas: tuple[float, float], eps: float):
-        self.flat, self.lrs, self.betas, self.eps = flat, list(lrs), betas, eps
+    def __init__(self, flat: torch.Tensor, grad: torch.Tensor, student: torch.Tensor, lrs: Sequence[float],
+                 weight_decays: Sequence[float], betas: tuple[float, float], eps: float):
+        self.flat, self.grad, self.betas, self.eps = flat, grad, betas, eps
+        self.lr = torch.tensor(list(lrs), dtype=flat.dtype, device=flat.device)[student]
         self.step_count = 0
         self.exp_avg = torch.zeros_like(flat)
         self.exp_avg_sq = torch.zeros_like(flat)
         self._decay = None if not any(weight_decays) else torch.tensor(
-            list(weight_decays), dtype=flat.dtype, device=flat.device).view(-1, 1)
+            list(weight_decays), dtype=flat.dtype, device=flat.device)[student]
 
     @torch.no_grad()
     def step(self) -> None:
@@ -243,15 +245,14 @@ class StackedAdam:
         beta1, beta2 = self.betas
         bias1 = 1 - beta1**self.step_count
         bias2_sqrt = (1 - beta2**self.step_count) ** 0.5
-        p, grad = self.flat, self.flat.grad
+        p, grad = self.flat, self.grad
         if self._decay is not None:
             grad = grad + p * self._decay
-        # the step size per student, computed in double as torch does, then rounded
-        neg_step = torch.tensor([-(lr / bias1) for lr in self.lrs], dtype=p.dtype, device=p.device).view(-1, 1)
         self.exp_avg.lerp_(grad, 1 - beta1)
         self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         denom = (self.exp_avg_sq.sqrt() / bias2_sqrt).add_(self.eps)
-        p.add_(self.exp_avg.mul(neg_step).div_(denom))
+        # torch rounds lr / bias1 once; this rounds lr and 1 / bias1: a difference of an ulp
+        p.add_(self.exp_avg.mul(self.lr).mul_(-1 / bias1).div_(denom))
 
 
 def _adam_settings(optimizer: torch.optim.Optimizer) -> tuple[float, float, tuple[float, float], float] | None:
@@ -272,23 +273,31 @@ class StudentGroup:
 
     def __init__(self, runs: Sequence[StudentRun]):
         self.runs = list(runs)
+        k = len(self.runs)
         models = [r.model for r in self.runs]
         named = [dict(m.named_parameters()) for m in models]
         self.names = list(named[0])
         self.shapes = [named[0][n].shape for n in self.names]
-        sizes = [named[0][n].numel() for n in self.names]
-        self.slices = [slice(a, a + n) for a, n in zip(itertools.accumulate([0, *sizes[:-1]]), sizes)]
-        # every parameter of student k is a piece of row k; each student's module keeps working
-        # because its parameters become views of its row
-        self.flat = torch.stack([torch.cat([params[n].detach().reshape(-1) for n in self.names]) for params in named])
-        for k, params in enumerate(named):
-            for name, sl, shape in zip(self.names, self.slices, self.shapes):
-                params[name].data = self.flat[k, sl].view(shape)
-        self.flat.requires_grad_(True)
+        sizes = [k * named[0][n].numel() for n in self.names]
+        self.blocks = [slice(a, a + n) for a, n in zip(itertools.accumulate([0, *sizes[:-1]]), sizes)]
+        # parameter i of all K students is block i of one flat buffer, laid out (K, *shape): each
+        # stacked parameter is a contiguous view, and so is each student's own parameter, so every
+        # student's module keeps working on its current weights
+        self.flat = torch.cat([torch.stack([params[n].detach() for params in named]).reshape(-1) for n in self.names])
+        self.grad = torch.zeros_like(self.flat)
+        self._stacked: dict[str, torch.Tensor] = {}
+        for name, block, shape in zip(self.names, self.blocks, self.shapes):
+            for j, params in enumerate(named):
+                params[name].data = self.flat[block].view(k, *shape)[j]
+            # a leaf whose gradient accumulates in place into its block of ``self.grad``
+            leaf = self.flat[block].view(k, *shape).requires_grad_(True)
+            leaf.grad = self.grad[block].view(k, *shape)
+            self._stacked[name] = leaf
+        student = torch.cat([torch.arange(k, device=self.flat.device).repeat_interleave(n // k) for n in sizes])
         settings = [_adam_settings(r.optimizer) for r in self.runs]
         _, _, betas, eps = settings[0]  # type: ignore[misc]
-        self.optimizer = StackedAdam(self.flat, [s[0] for s in settings], [s[1] for s in settings],  # type: ignore[index]
-                                     betas, eps)
+        self.optimizer = StackedAdam(self.flat, self.grad, student, [s[0] for s in settings],  # type: ignore[index]
+                                     [s[1] for s in settings], betas, eps)  # type: ignore[index]
         self._import_state()
         self._loss: LossSettings | None = None
         self._template = models[0]
@@ -296,9 +305,12 @@ class StudentGroup:
         self.mode = "pending"  # "sequential-layers" | "vmap" | "one-by-one" after the first step
 
     def stacked_params(self) -> dict[str, torch.Tensor]:
-        """Each parameter as a ``(K, *shape)`` view of the buffer (autograd reaches ``flat``)."""
-        k = len(self.runs)
-        return {n: self.flat[:, sl].view(k, *shape) for n, sl, shape in zip(self.names, self.slices, self.shapes)}
+        """Each parameter of the K students as one ``(K, *shape)`` leaf tensor (views of the buffer)."""
+        return self._stacked
+
+    def _student_view(self, buffer: torch.Tensor, i: int, j: int) -> torch.Tensor:
+        """Parameter ``i`` of student ``j`` inside a flat buffer laid out like ``self.flat``."""
+        return buffer[self.blocks[i]].view(len(self.runs), *self.shapes[i])[j]
 
     def _import_state(self) -> None:
         """Carry over Adam moments from earlier training, so regrouping never resets them."""
@@ -310,21 +322,21 @@ class StudentGroup:
         if len(present) != sum(len(p) for p in states) or len(steps) != 1:
             raise ValueError("students of a group must have taken the same number of steps")
         self.optimizer.step_count = steps.pop()
-        for k, per_run in enumerate(states):
-            for sl, state in zip(self.slices, per_run):
-                self.optimizer.exp_avg[k, sl] = state["exp_avg"].reshape(-1)
-                self.optimizer.exp_avg_sq[k, sl] = state["exp_avg_sq"].reshape(-1)
+        for j, per_run in enumerate(states):
+            for i, state in enumerate(per_run):
+                self._student_view(self.optimizer.exp_avg, i, j).copy_(state["exp_avg"])
+                self._student_view(self.optimizer.exp_avg_sq, i, j).copy_(state["exp_avg_sq"])
 
     def export_state(self) -> None:
         """Write the Adam moments back into each student's own optimizer (after a pass)."""
         if self.mode == "one-by-one" or self.optimizer.step_count == 0:
             return
-        for k, run in enumerate(self.runs):
-            for sl, shape, p in zip(self.slices, self.shapes, run.model.parameters()):
+        for j, run in enumerate(self.runs):
+            for i, p in enumerate(run.model.parameters()):
                 run.optimizer.state[p] = {
                     "step": torch.tensor(float(self.optimizer.step_count)),
-                    "exp_avg": self.optimizer.exp_avg[k, sl].reshape(shape).clone(),
-                    "exp_avg_sq": self.optimizer.exp_avg_sq[k, sl].reshape(shape).clone(),
+                    "exp_avg": self._student_view(self.optimizer.exp_avg, i, j).clone(),
+                    "exp_avg_sq": self._student_view(self.optimizer.exp_avg_sq, i, j).clone(),
                 }
 
     def _choose_forward(self, x: torch.Tensor) -> None:
@@ -357,7 +369,7 @@ class StudentGroup:
             self._loss = LossSettings.make([c.temperature for c in cfgs], [c.alpha for c in cfgs],
                                            [c.label_smoothing for c in cfgs], cache_temperature, logits)
         loss, grad = stacked_loss(logits.detach(), soft, batch.labels, self._loss)
-        self.flat.grad = None
+        self.grad.zero_()
         logits.backward(grad)
         self.optimizer.step()
         share = (time.perf_counter() - start) / len(self.runs)
