@@ -142,7 +142,7 @@ def create_arrays(group: zarr.Group, specs: dict[str, ArraySpec]) -> None:
         parent = group
         *dirs, leaf = name.split("/")
         for d in dirs:
-            parent = parent.require_group(d)
+            parent = require_group(parent, d)
         parent.create_array(
             leaf,
             shape=spec.shape,
@@ -152,6 +152,18 @@ def create_arrays(group: zarr.Group, specs: dict[str, ArraySpec]) -> None:
             fill_value=-1 if spec.dtype.startswith("int") else 0,
             overwrite=True,
         )
+
+
+def require_group(parent: zarr.Group, name: str) -> zarr.Group:
+    """``require_group`` that tolerates a concurrent creator: workers starting together may
+    both see the group missing, and the slower one's create then fails although all is well."""
+    try:
+        return parent.require_group(name)
+    except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError):
+        node = parent[name]
+        if not isinstance(node, zarr.Group):
+            raise CacheError(f"{name!r} in the store is an array, expected a group") from None
+        return node
 
 
 def ensure_arrays(group: zarr.Group, specs: dict[str, ArraySpec]) -> None:
@@ -164,7 +176,7 @@ def ensure_arrays(group: zarr.Group, specs: dict[str, ArraySpec]) -> None:
         *dirs, leaf = name.split("/")
         parent = group
         for d in dirs:
-            parent = parent.require_group(d)
+            parent = require_group(parent, d)
         try:
             parent.create_array(leaf, shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype, compressors=None,
                                 fill_value=-1 if spec.dtype.startswith("int") else 0, overwrite=False)
