@@ -39,7 +39,7 @@ from .manifest import (
     now_iso,
 )
 from .progress import Progress
-from .specs import load_model, num_parameters, resolve_device, weights_digest
+from .specs import load_model, num_parameters, probe_model, resolve_device, weights_digest
 from .writer import ChunkWriter
 
 DEFAULT_CHUNK_ROWS = 4096
@@ -114,8 +114,7 @@ def label_block(teacher: nn.Module, block: RowBlock, first_row: int, temperature
     return out
 
 
-def shard_ranges(rows: int, shard_rows: int) -> list[range]:
-    return [range(s, min(s + shard_rows, rows)) for s in range(0, rows, shard_rows)]
+shard_ranges = distributed.shard_ranges
 
 
 def dataset_blocks(dataset: Dataset, rows: range, batch_size: int) -> Iterator[RowBlock]:
@@ -283,8 +282,7 @@ def build(
         raise CacheError("dataset is empty: nothing to cache")
     eval_set, eval_spec = load_dataset(eval_data) if eval_data is not None else (None, None)
     probe_x, _ = next(batches(dataset, range(min(2, len(dataset))), 2))  # type: ignore[arg-type]
-    with torch.no_grad():
-        probe = model(probe_x.to(dev))
+    probe = probe_model(model, probe_x, dev)
     if probe.ndim != 2:
         raise UsageError(f"teacher output has shape {tuple(probe.shape)}; expected (batch, classes)")
     storage_info = storage if isinstance(storage, StorageInfo) else parse_storage(storage, dtype)

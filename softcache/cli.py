@@ -69,7 +69,12 @@ def _cmd_build(args: argparse.Namespace) -> int:
 def _warning_lines(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                    file: Any = None, line: str | None = None) -> None:
     """Library warnings as one line with the contract's prefix (they say what to expect)."""
-    print(f"softcache: warning: {message}", file=sys.stderr, flush=True)
+    print(f"softcache: warning: {_one_line(str(message))}", file=sys.stderr, flush=True)
+
+
+def _one_line(text: str) -> str:
+    """A message that may carry newlines (from a user's spec, say) as the contract's one line."""
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 def _synth_flags(p: argparse.ArgumentParser) -> None:
@@ -274,11 +279,17 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_stats(args: argparse.Namespace) -> int:
     from .store import open_cache
 
+    if args.out and (os.path.isdir(args.out) or not os.path.isdir(os.path.dirname(os.path.abspath(args.out)))):
+        raise UsageError(f"--out {args.out}: needs a file path in an existing directory")
     cache = open_cache(args.url, allow_incomplete=args.allow_incomplete)
     split = cache.eval if args.split == "eval" else cache.train
     if split is None:
         raise UsageError("this cache has no eval split")
     frame = split.stats()
+    if not cache.complete:  # rows not written yet hold fill values, not teacher statistics
+        import polars as pl
+
+        frame = frame.filter(pl.col("sample") >= 0)
     if args.out:
         frame.write_parquet(args.out)
         print(f"wrote {len(frame)} rows x {len(frame.columns)} columns to {args.out}")
@@ -491,7 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SoftcacheError as exc:
         if debug:
             raise
-        print(f"softcache: error: {exc}", file=sys.stderr)
+        print(f"softcache: error: {_one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("softcache: error: interrupted", file=sys.stderr)

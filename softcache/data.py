@@ -30,7 +30,7 @@ def load_dataset(spec: Spec | str | Dataset) -> tuple[Dataset, Spec | None]:
         return spec, None
     spec = Spec.parse(spec)
     dataset = call_spec(spec)
-    if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+    if isinstance(dataset, torch.nn.Module) or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
         raise UsageError(f"data spec {spec} returned {type(dataset).__name__}, not a map-style Dataset")
     return dataset, spec
 

@@ -123,16 +123,17 @@ class WorkUnit:
         return f"{self.split}:{self.shard}"
 
 
-def _shard_ranges(rows: int, shard_rows: int) -> list[range]:
+def shard_ranges(rows: int, shard_rows: int) -> list[range]:
+    """Consecutive row ranges of ``shard_rows`` rows (the last one shorter) covering ``rows``."""
     return [range(s, min(s + shard_rows, rows)) for s in range(0, rows, shard_rows)]
 
 
 def work_units(manifest: Manifest, with_eval: bool) -> list[WorkUnit]:
     """Every unit of a build in a fixed order: train shards, then eval shards."""
     lay = manifest.layout
-    units = [WorkUnit("train", i, r) for i, r in enumerate(_shard_ranges(lay.rows, lay.shard_rows))]
+    units = [WorkUnit("train", i, r) for i, r in enumerate(shard_ranges(lay.rows, lay.shard_rows))]
     if with_eval and manifest.eval is not None:
-        units += [WorkUnit("eval", i, r) for i, r in enumerate(_shard_ranges(manifest.eval.rows, lay.shard_rows))]
+        units += [WorkUnit("eval", i, r) for i, r in enumerate(shard_ranges(manifest.eval.rows, lay.shard_rows))]
     return units
 
 
@@ -150,7 +151,7 @@ def with_flags(manifest: Manifest, arrays: SplitArrays) -> dict[str, dict[str, s
     rows = {"train": manifest.layout.rows, "eval": manifest.eval.rows if manifest.eval else 0}
     out: dict[str, dict[str, store.ArraySpec]] = {}
     for split, specs in arrays.items():
-        n = len(_shard_ranges(rows[split], manifest.layout.shard_rows))
+        n = len(shard_ranges(rows[split], manifest.layout.shard_rows))
         out[split] = {**specs, store.SHARD_DONE: store.ArraySpec((n,), "uint8", (1,))}
     return out
 
@@ -238,7 +239,7 @@ def _flags(group: zarr.Group, manifest: Manifest, split: str) -> tuple[np.ndarra
     """A split's flags and its shard count by the layout; no flags array yet (a build killed while
     creating the store) reads as nothing done."""
     rows = manifest.layout.rows if split == "train" else (manifest.eval.rows if manifest.eval else 0)
-    expected = len(_shard_ranges(rows, manifest.layout.shard_rows))
+    expected = len(shard_ranges(rows, manifest.layout.shard_rows))
     g = split_group(group, split)
     flags = store.shards_done(g) if store.SHARD_DONE in g else np.zeros(expected, dtype=bool)
     return flags, expected

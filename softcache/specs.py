@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import UsageError
+from .errors import CacheError, UsageError
 from .manifest import Spec
 
 ARCH_KEY = "softcache.arch"
@@ -56,6 +56,20 @@ def load_model(spec: Spec | str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise UsageError(f"spec {spec} returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+@torch.no_grad()
+def probe_model(model: nn.Module, inputs: torch.Tensor, device: torch.device, what: str = "teacher") -> torch.Tensor:
+    """The model's output on a couple of inputs; a model that cannot take them (wrong input
+    shape or dtype for this data) is a one-line mismatch error, not a traceback."""
+    try:
+        out = model(inputs.to(device))
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CacheError(f"{what} cannot run on inputs of shape {tuple(inputs.shape[1:])}: {first}") from None
+    if not isinstance(out, torch.Tensor):
+        raise UsageError(f"{what} returned {type(out).__name__}, expected a tensor of logits (batch, classes)")
+    return out
 
 
 def _load_safetensors_model(path: str) -> nn.Module:

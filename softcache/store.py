@@ -121,7 +121,10 @@ def write_manifest(group: zarr.Group, manifest: Manifest) -> None:
 
 
 def prepare_target(url: str, *, overwrite: bool) -> None:
-    """Refuse to write over anything unless asked; with ``overwrite`` remove the old cache."""
+    """Refuse to write over anything unless asked; with ``overwrite`` remove the old cache.
+
+    Only a softcache cache (a Zarr group whose ``zarr.json`` carries the manifest) is ever
+    removed: a non-empty directory that is anything else is refused even with ``overwrite``."""
     if _readonly(url):
         raise UsageError(f"{url}: http(s) URLs are read-only; write caches to a path, file:// or s3://")
     fs, path = _fs_path(url)
@@ -131,27 +134,26 @@ def prepare_target(url: str, *, overwrite: bool) -> None:
         raise UsageError(f"{url}: exists and is a file, not a cache directory")
     if not fs.ls(path):
         return
+    is_cache = _holds_manifest(fs, path)
+    if not is_cache:  # --overwrite replaces a cache, never deletes an arbitrary directory
+        raise UsageError(f"{url}: a non-empty directory that is not a cache already exists there; "
+                         "write the cache elsewhere or remove it yourself")
     if not overwrite:
-        what = "a cache" if fs.exists(f"{path.rstrip('/')}/zarr.json") else "a non-empty directory"
-        raise UsageError(f"{url}: {what} already exists there; pass --overwrite to replace it")
+        raise UsageError(f"{url}: a cache already exists there; pass --overwrite to replace it")
     fs.rm(path, recursive=True)
 
 
-def create_arrays(group: zarr.Group, specs: dict[str, ArraySpec]) -> None:
-    for name, spec in specs.items():
-        parent = group
-        *dirs, leaf = name.split("/")
-        for d in dirs:
-            parent = require_group(parent, d)
-        parent.create_array(
-            leaf,
-            shape=spec.shape,
-            chunks=spec.chunks,
-            dtype=spec.dtype,
-            compressors=None,
-            fill_value=-1 if spec.dtype.startswith("int") else 0,
-            overwrite=True,
-        )
+def _holds_manifest(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """True when ``path`` is a Zarr group whose root attributes hold a softcache manifest."""
+    import json
+
+    meta = f"{path.rstrip('/')}/zarr.json"
+    if not fs.exists(meta):
+        return False
+    try:
+        return MANIFEST_ATTR in (json.loads(fs.cat_file(meta)).get("attributes") or {})
+    except (ValueError, AttributeError):
+        return False
 
 
 def require_group(parent: zarr.Group, name: str) -> zarr.Group:

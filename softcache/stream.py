@@ -558,8 +558,3 @@ def open_loader(cache: Cache, *, inputs: torch.Tensor | None, batch_size: int, s
     return StreamLoader(cache, inputs=inputs, labels=labels, batch_size=batch_size, shuffle_seed=shuffle_seed,
                         buffer_chunks=buffer_chunks, device=device, workers=workers, start_method=start_method,
                         replay=replay)
-
-
-def loader_mode(loader: MemoryLoader | StreamLoader) -> Literal["memory", "stream"]:
-    return "stream" if isinstance(loader, StreamLoader) else "memory"
-

@@ -48,7 +48,7 @@ from .digits import LabelledTensors
 from .errors import UsageError
 from .manifest import Spec, SynthesisSource
 from .progress import Progress
-from .specs import load_model, resolve_device
+from .specs import load_model, probe_model, resolve_device
 
 NO_BATCHNORM_WARNING = (
     "teacher has no BatchNorm layers: synthesis falls back to class targets, image priors and diversity only "
@@ -291,8 +291,7 @@ def synthesize(
         if cfg.method == "deepinversion" and not batchnorm_layers(model):
             params["fallback"] = "no BatchNorm layers: class targets, image priors and diversity only"
         source = SynthesisSource(method=cfg.method, params=params, seed=int(seed), num_samples=samples)
-    with torch.no_grad():
-        probe = model(torch.zeros((2, *shape), device=dev))
+    probe = probe_model(model, torch.zeros((2, *shape)), dev)
     if probe.ndim != 2:
         raise UsageError(f"teacher output has shape {tuple(probe.shape)}; expected (batch, classes)")
     num_classes = int(probe.shape[1])

@@ -27,7 +27,7 @@ from .loader import Batch, MemoryLoader
 from .loss import distillation_loss, rescale
 from .manifest import DatasetSource
 from .progress import Progress
-from .specs import load_model, num_parameters, resolve_device, save_model
+from .specs import load_model, num_parameters, probe_model, resolve_device, save_model
 from .store import Cache, open_cache
 from .stream import StreamLoader, open_loader
 
@@ -67,8 +67,7 @@ def make_run(config: StudentConfig, num_classes: int, probe: torch.Tensor, devic
     """Build a student with its own seed and check it emits one logit per cached class."""
     torch.manual_seed(config.seed)
     model = load_model(config.spec).to(device)
-    with torch.no_grad():
-        out = model(probe.to(device))
+    out = probe_model(model, probe, device, what=f"student {config.spec}")
     if out.ndim != 2 or out.shape[1] != num_classes:
         raise CacheError(
             f"student {config.spec} outputs shape {tuple(out.shape[1:])} but the cache has {num_classes} classes"
@@ -201,7 +200,11 @@ def train(
     configs = [s if isinstance(s, StudentConfig) else StudentConfig(spec=s) for s in students]
     if not configs:
         raise UsageError("no students to train")
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise UsageError(f"{out_dir}: exists and is not a directory; --out needs a directory for the results")
     opened = cache if isinstance(cache, Cache) else open_cache(cache)
+    if not opened.complete:
+        _check_written(opened)
     device = resolve_device(cfg.device)
     inputs, _ = _train_inputs(opened, data)
     loader = open_loader(opened, inputs=inputs, batch_size=cfg.batch_size, shuffle_seed=cfg.shuffle_seed, device=device,
@@ -225,6 +228,17 @@ def train(
     if out_dir is not None:
         board.write_parquet(Path(out_dir) / "leaderboard.parquet")
     return board
+
+
+def _check_written(cache: Cache) -> None:
+    """An incomplete cache (read with ``allow_incomplete``) can be trained on only once every
+    training row is stored: unwritten rows hold fill values (uniform soft labels, no label) that
+    would silently pull every student towards the uniform distribution."""
+    for split in (cache.train, cache.eval):
+        missing = int((split.sample_index() < 0).sum()) if split is not None else 0
+        if missing:
+            raise CacheError(f"{cache.url}: {missing} of {split.rows} {split.name} rows are not written yet "  # type: ignore[union-attr]
+                             "(the build is unfinished); finish it before training (softcache build --resume)")
 
 
 def _slug(name: str) -> str:

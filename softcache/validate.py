@@ -105,7 +105,10 @@ def summarize(cache: store.Cache) -> dict[str, Any]:
     }
     soft = cache.train.array(store.SOFT)
     rows = cache.train.rows
-    stats = cache.train.stats()
+    import polars as pl
+
+    # rows never written (an incomplete cache) keep the fill values: sample_index -1, zeros
+    stats = cache.train.stats().filter(pl.col("sample") >= 0)
     labels = stats["label"].to_numpy()
     correct = stats["correct"].drop_nulls()
     return {
@@ -121,7 +124,7 @@ def summarize(cache: store.Cache) -> dict[str, Any]:
         "storage": cache.manifest.storage.model_dump(mode="json"),
         "bytes_per_sample": (soft.nbytes / rows) if rows else 0.0,
         "teacher_train_accuracy": float(correct.mean()) if len(correct) and (labels >= 0).any() else None,
-        "teacher_mean_max_prob": float(stats["max_prob"].mean()) if rows else None,
+        "teacher_mean_max_prob": float(stats["max_prob"].mean()) if len(stats) else None,
         "arrays": arrays,
         "manifest": cache.manifest.to_json(),
     }

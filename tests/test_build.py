@@ -79,6 +79,18 @@ def test_existing_cache_is_not_overwritten_unless_asked(cache: Cache, teacher_pa
     assert validate(cache.url)["valid"] and open_cache(cache.url).manifest.cache_key == before
 
 
+def test_overwrite_never_deletes_a_directory_that_is_not_a_cache(teacher_path: Path, tmp_path: Path) -> None:
+    target = tmp_path / "project"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    (target / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+    with pytest.raises(CacheError, match="not a softcache cache"):
+        build(str(teacher_path), DATA_SPEC, str(target), progress=False)
+    with pytest.raises(UsageError, match="not a cache"):
+        build(str(teacher_path), DATA_SPEC, str(target), overwrite=True, progress=False)
+    assert (target / "notes.txt").read_text() == "keep me"
+
+
 def test_not_a_cache_and_missing_path(tmp_path: Path) -> None:
     with pytest.raises(CacheError, match="does not exist"):
         open_cache(str(tmp_path / "missing"))

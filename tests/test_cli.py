@@ -105,6 +105,15 @@ def test_train_from_cli_with_a_grid(demo_dir: Path, tmp_path: Path) -> None:
     (["train", "--cache", "{tmp}", "--student", "softcache.models:mlp", "--out", "{tmp}/t"], 1, "not a"),
     (["build", "--teacher", "softcache.models:mlp"], 2, "required"),
     (["demo", "--workdir", "{demo}"], 2, "--overwrite"),
+    (["train", "--cache", "{demo}/cache.zarr", "--student", "softcache.models:mlp", "--out", "{demo}/leaderboard.parquet"],
+     2, "not a directory"),
+    (["build", "--teacher", "softcache.models:mlp", "--data", "softcache.models:mlp", "--out", "{tmp}/z.zarr"],
+     2, "not a map-style Dataset"),
+    (["build", "--teacher", "softcache.models:mlp,in_features=5", "--data", "softcache.digits:load", "--out",
+      "{tmp}/w.zarr"], 1, "cannot run on inputs"),
+    (["train", "--cache", "{demo}/cache.zarr", "--student", "softcache.models:mlp,in_features=5", "--out", "{tmp}/t"],
+     1, "cannot run on inputs"),
+    (["stats", "{demo}/cache.zarr", "--out", "{tmp}/no/such/dir/s.parquet"], 2, "existing directory"),
 ])
 def test_errors_are_one_line(demo_dir: Path, tmp_path: Path, args: list[str], code: int, needle: str) -> None:
     args = [a.format(tmp=tmp_path, demo=demo_dir) for a in args]
@@ -113,3 +122,15 @@ def test_errors_are_one_line(demo_dir: Path, tmp_path: Path, args: list[str], co
     assert proc.returncode == code, proc.stderr
     assert len(lines) == 1 and lines[0].startswith("softcache: error:") and needle in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_multi_line_message_is_still_one_error_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from softcache.cli import main
+
+    (tmp_path / "multiline_spec.py").write_text("def boom(**kw):\n    raise TypeError('line one\\nline two')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code = main(["build", "--teacher", "multiline_spec:boom", "--data", "softcache.digits:load",
+                 "--out", str(tmp_path / "x.zarr"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("softcache: error:") and "line one line two" in err

@@ -140,9 +140,22 @@ def test_reading_an_incomplete_cache_needs_allow_incomplete(tmp_path: Path, teac
     assert allowed.returncode == 0, allowed.stderr
     info = json.loads(allowed.stdout)
     assert (info["status"], info["shards_done"], info["shards_total"]) == ("building", 5, 9)
+    # the figures cover the rows written so far, not the zero-filled rows of the missing shards
+    from softcache.validate import summarize
+
+    partial = store.open_cache(str(out), allow_incomplete=True)
+    written = partial.train.sample_index() >= 0
+    expected = partial.train.array("stats/max_prob")[:][written].mean()
+    assert info["teacher_mean_max_prob"] == pytest.approx(float(expected), rel=1e-5)
+    assert not written.all() and summarize(partial)["teacher_mean_max_prob"] == info["teacher_mean_max_prob"]
     train = main("train", "--cache", str(out), "--student", "softcache.models:mlp,hidden=8", "--epochs", "1",
                 "--out", str(tmp_path / "students"))
     assert train.returncode == 1 and "still being built" in train.stderr
+    # even with --allow-incomplete, the unwritten rows' fill values are never trained on
+    train = main("train", "--cache", str(out), "--student", "softcache.models:mlp,hidden=8", "--epochs", "1",
+                "--out", str(tmp_path / "students"), "--allow-incomplete")
+    assert train.returncode == 1 and "not written yet" in train.stderr and train.stderr.count("\n") == 1
+    assert not (tmp_path / "students").exists()
 
 
 def test_torchrun_two_ranks_build_what_one_process_builds(tmp_path: Path, teacher_file: str, reference) -> None:  # noqa: F811
