@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from .errors import UsageError
 from .manifest import Spec, ViewInfo
-from .specs import call_spec
+from .specs import call_spec, check_recorded
 
 PartnerFn = Callable[[torch.Tensor], torch.Tensor]
 """Raw inputs of the given rows (a 1-D int64 tensor) of the split being augmented."""
@@ -450,23 +450,24 @@ class ViewReplay:
         return self.aug.apply(self.inputs[rows], self.view_params[rows, views], self._partners)
 
 
-def replay_for(info: ViewInfo, view_params: np.ndarray | None, inputs: torch.Tensor) -> ViewReplay | None:
+def replay_for(info: ViewInfo, view_params: np.ndarray | None, inputs: torch.Tensor,
+               trust: bool = False) -> ViewReplay | None:
     """The replay a cache's views need, or None when every view is the raw input."""
     if info.replay != "params":
         return None
     if info.augment is None or view_params is None:
         raise UsageError("cache says its views replay from parameters but records no augmentation or parameters")
-    aug = load_augmentation(info.augment)
+    aug = load_augmentation(check_recorded(info.augment, "augmentation", "check it", trust))
     if list(aug.param_names) != list(info.param_names):
         raise UsageError(f"augmentation {info.augment} now has parameters {aug.param_names}, "
                          f"but the cache stored {info.param_names}")
     return ViewReplay(aug, inputs, torch.from_numpy(np.asarray(view_params, dtype=np.float32)))
 
 
-def cache_replay(cache: Any, inputs: torch.Tensor) -> ViewReplay | None:
+def cache_replay(cache: Any, inputs: torch.Tensor, trust: bool = False) -> ViewReplay | None:
     """The replay for the training rows of an opened ``store.Cache`` (None for plain caches)."""
     from .store import VIEW_PARAMS
 
     split = cache.train
     params = np.asarray(split.array(VIEW_PARAMS)[:]) if VIEW_PARAMS in split.group else None
-    return replay_for(cache.manifest.views, params, inputs)
+    return replay_for(cache.manifest.views, params, inputs, trust)

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from .errors import SoftcacheError, UsageError
+from .errors import SoftcacheError, UsageError, first_validation_error
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -197,13 +197,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
                              loader=args.loader, memory_budget=_size(args.memory_budget), buffer_chunks=args.buffer_chunks,
                              workers=args.workers, start_method=args.start_method, group=not args.no_group)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise UsageError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise UsageError(first_validation_error(exc, "train")) from None
     from .store import open_cache
 
     cache = open_cache(args.cache, allow_incomplete=args.allow_incomplete)
     board = train(cache, students, data=args.data, eval_data=args.eval_data, out_dir=args.out, config=config,
-                  progress=not args.quiet)
+                  progress=not args.quiet, trust_cache_specs=args.trust_cache_specs)
     _emit({"leaderboard": board.to_dicts(), "out": args.out}, args.json, format_board(board))
     return 0
 
@@ -442,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--allow-incomplete", action="store_true",
                    help="read a cache that is still being built (or was interrupted)")
+    p.add_argument("--trust-cache-specs", action="store_true",
+                   help="run dataset/augmentation SPECs the cache records even outside softcache's own modules")
     p.set_defaults(handler=_cmd_train)
 
     p = sub.add_parser("bench", parents=[common], help="measure the performance claims side by side")

@@ -465,8 +465,16 @@ def _train_stage(cfg: PipelineConfig, stage: TrainStage, progress: bool) -> Stag
         detail["leaderboard"] = pl.read_parquet(board_path).to_dicts()
         return StageResult(name, "skipped", detail=detail)
     start = time.perf_counter()
-    board = train(cache, students, eval_data=stage.eval_data, out_dir=out, config=stage.train_config(),
-                  progress=progress)
+    # The pipeline names its own data and augmentation: pass those, rather than running whatever
+    # SPECs the cache at that URL records (the cache key does not cover the recorded SPEC text).
+    own = cfg.data
+    data = str(own.train) if own is not None and not cache.train.has_inputs else None
+    eval_data = stage.eval_data or (own.eval if own is not None and cache.eval is not None else None)
+    recorded_augment = cache.manifest.views.augment
+    trust = recorded_augment is not None and cfg.cache.augment is not None and \
+        str(recorded_augment) == str(Spec.parse(cfg.cache.augment) if isinstance(cfg.cache.augment, str) else cfg.cache.augment)
+    board = train(cache, students, data=data, eval_data=eval_data, out_dir=out, config=stage.train_config(),
+                  progress=progress, trust_cache_specs=trust)
     record = {"stage": name, "key": key, "cache_key": cache.manifest.cache_key, "students": len(students),
               "finished_at": now_iso()}
     partial = out / f"{STAGE_FILE}.{os.getpid()}.partial"

@@ -45,6 +45,21 @@ def call_spec(spec: Spec | str, **extra: Any) -> Any:
         raise UsageError(f"spec {spec}: {exc}") from None
 
 
+RECORDED_SAFE_MODULES = ("softcache.digits", "softcache.models", "softcache.augment")
+"""Modules whose callables a cache may name and have run without the user naming them too:
+they only build data, models and augmentations. Anything else recorded in a cache runs only
+when the user passes it explicitly or trusts the cache, since a cache is someone else's file."""
+
+
+def check_recorded(spec: Spec, what: str, how: str, trust: bool) -> Spec:
+    """Allow a SPEC read from a cache to run only if it is one of softcache's own or trusted."""
+    module = spec.target.partition(":")[0]
+    if trust or module in RECORDED_SAFE_MODULES:
+        return spec
+    raise UsageError(f"the cache records {what} {spec}, code outside softcache: a cache never runs code it names "
+                     f"unless you do; {how}, or pass --trust-cache-specs")
+
+
 def load_model(spec: Spec | str) -> nn.Module:
     """Build a model from a SPEC; a ``.safetensors`` SPEC rebuilds its recorded architecture
     and loads the weights strictly."""

@@ -27,7 +27,7 @@ from .loader import Batch, MemoryLoader
 from .loss import distillation_loss, rescale
 from .manifest import DatasetSource
 from .progress import Progress
-from .specs import load_model, num_parameters, probe_model, resolve_device, save_model
+from .specs import check_recorded, load_model, num_parameters, probe_model, resolve_device, save_model
 from .store import Cache, open_cache
 from .stream import StreamLoader, open_loader
 
@@ -114,35 +114,36 @@ def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 1024) -> t
     return torch.cat([model(inputs[i : i + batch_size]).argmax(-1) for i in range(0, len(inputs), batch_size)])
 
 
-def _train_inputs(cache: Cache, data: str | Dataset | None) -> tuple[torch.Tensor, str]:
+def _train_inputs(cache: Cache, data: str | Dataset | None, trust: bool = False) -> tuple[torch.Tensor, str]:
     """The inputs of the cached rows: stored in the cache, given, or rebuilt from the recorded spec."""
     source = cache.manifest.source
     if data is None and cache.train.has_inputs:
         return torch.from_numpy(cache.train.inputs()), "stored inputs"
     if source.kind != "dataset":
         raise CacheError("this synthesized cache has no stored inputs")
-    dataset = _dataset_for(source, data, "training data")
+    dataset = _dataset_for(source, data, "training data", "--data", trust)
     return materialize(dataset)[0], str(source.spec) if data is None else "given data"
 
 
-def _dataset_for(source: DatasetSource, data: str | Dataset | None, what: str) -> Dataset:
+def _dataset_for(source: DatasetSource, data: str | Dataset | None, what: str, flag: str, trust: bool) -> Dataset:
     if data is None:
         if source.spec is None:
             raise UsageError(f"the cache does not record how to load its {what}; pass it explicitly")
-        data = str(source.spec)
+        data = str(check_recorded(source.spec, what, f"pass {flag} {source.spec} to load it", trust))
     dataset, _ = load_dataset(data)
     check_matches(dataset, source, what)
     return dataset
 
 
-def _eval_set(cache: Cache, eval_data: str | Dataset | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+def _eval_set(cache: Cache, eval_data: str | Dataset | None,
+              trust: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
     """Held-out inputs, labels and, when the cache holds an eval split, the teacher's predictions."""
     recorded = cache.manifest.eval
     if recorded is None or cache.eval is None:
         if eval_data is None:
             return None
         return (*materialize(load_dataset(eval_data)[0]), None)
-    x, y = materialize(_dataset_for(recorded.source, eval_data, "evaluation data"))
+    x, y = materialize(_dataset_for(recorded.source, eval_data, "evaluation data", "--eval-data", trust))
     return x, y, torch.from_numpy(cache.eval.predictions()).long()
 
 
@@ -189,12 +190,14 @@ def train(
     out_dir: str | Path | None = None,
     config: TrainConfig | None = None,
     progress: bool = True,
+    trust_cache_specs: bool = False,
 ) -> pl.DataFrame:
     """Train every student in one pass over the cache and return the leaderboard.
 
     Inputs come from ``data`` (checked against the cache's fingerprint), from inputs stored in
     the cache, or from the dataset SPEC the manifest records. Evaluation uses ``eval_data`` or
-    the recorded held-out split, whose teacher predictions give ``teacher_agreement``.
+    the recorded held-out split, whose teacher predictions give ``teacher_agreement``. A SPEC
+    recorded in the cache runs only when it is softcache's own or ``trust_cache_specs`` is set.
     """
     cfg = config or TrainConfig()
     configs = [s if isinstance(s, StudentConfig) else StudentConfig(spec=s) for s in students]
@@ -206,11 +209,11 @@ def train(
     if not opened.complete:
         _check_written(opened)
     device = resolve_device(cfg.device)
-    inputs, _ = _train_inputs(opened, data)
+    inputs, _ = _train_inputs(opened, data, trust_cache_specs)
     loader = open_loader(opened, inputs=inputs, batch_size=cfg.batch_size, shuffle_seed=cfg.shuffle_seed, device=device,
                          mode=cfg.loader, memory_budget=cfg.memory_budget, buffer_chunks=cfg.buffer_chunks,
-                         workers=cfg.workers, start_method=cfg.start_method, replay=cache_replay(opened, inputs))
-    evaluation = _eval_set(opened, eval_data)
+                         workers=cfg.workers, start_method=cfg.start_method, replay=cache_replay(opened, inputs, trust_cache_specs))
+    evaluation = _eval_set(opened, eval_data, trust_cache_specs)
     runs = [make_run(c, opened.num_classes, inputs[:2], device) for c in configs]
     try:
         fit(runs, loader, cfg.epochs, cached_soft, opened.temperature, progress=progress, group=cfg.group)

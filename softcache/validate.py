@@ -51,6 +51,17 @@ def _check_split(split: store.Split, manifest: Manifest, rows: int, name: str, e
             errors.append(f"{name}: sample_index has negative entries (rows never written)")
 
 
+def _check_flags(group: Any, expected: int, prefix: str, errors: list[str]) -> None:
+    if store.SHARD_DONE not in group:
+        errors.append(f"array '{prefix}{store.SHARD_DONE}' is missing")
+        return
+    done = store.shards_done(group)
+    if len(done) != expected:
+        errors.append(f"{prefix}shard_done has {len(done)} entries, manifest says {expected} shards")
+    elif not done.all():
+        errors.append(f"{prefix}shards not done: {np.flatnonzero(~done).tolist()[:20]}")
+
+
 def validate(url: str, *, deep: bool = False) -> dict[str, Any]:
     """Return ``{"url", "valid", "errors", "warnings", "deep"}``; never raises for a bad cache."""
     errors: list[str] = []
@@ -66,14 +77,7 @@ def validate(url: str, *, deep: bool = False) -> dict[str, Any]:
     errors.extend(f"{p}: run `softcache finalize {url}` to rewrite it" for p in store.stale_consolidated(str(url)))
     if manifest.status.state != "complete":
         errors.append(f"build status is {manifest.status.state!r}, not 'complete'")
-    if store.SHARD_DONE in group:
-        done = store.shards_done(group)
-        if len(done) != manifest.layout.num_shards:
-            errors.append(f"shard_done has {len(done)} entries, manifest says {manifest.layout.num_shards} shards")
-        elif not done.all():
-            errors.append(f"shards not done: {np.flatnonzero(~done).tolist()[:20]}")
-    else:
-        errors.append("array 'shard_done' is missing")
+    _check_flags(group, manifest.layout.num_shards, "", errors)
     if store.SOFT not in group:
         errors.append(f"array {store.SOFT!r} is missing")
         return result
@@ -82,7 +86,10 @@ def validate(url: str, *, deep: bool = False) -> dict[str, Any]:
         if store.EVAL not in group:
             errors.append("manifest records an eval split but group 'eval' is missing")
         else:
-            _check_split(store.Split(group[store.EVAL], manifest, "eval"), manifest, manifest.eval.rows, "eval", errors, deep)  # type: ignore[arg-type]
+            eval_group = group[store.EVAL]
+            _check_split(store.Split(eval_group, manifest, "eval"), manifest, manifest.eval.rows, "eval", errors, deep)  # type: ignore[arg-type]
+            if store.SHARD_DONE in eval_group:  # sharded eval splits carry their own flags
+                _check_flags(eval_group, eval_group[store.SHARD_DONE].shape[0], "eval/", errors)
     if deep:
         key = compute_cache_key(manifest.teacher, manifest.source, manifest.classes, manifest.temperature,
                                 manifest.storage, manifest.views, manifest.eval.source if manifest.eval else None)

@@ -140,3 +140,24 @@ def test_device_defaults_to_cpu_without_cuda_and_refuses_missing_cuda() -> None:
             resolve_device("cuda")
     with pytest.raises(UsageError, match="unknown device"):
         resolve_device("tpu9")
+
+
+def test_specs_recorded_in_a_cache_never_run_unless_named(cache: Cache, tmp_path: Path) -> None:
+    """A cache is someone else's file: a SPEC it records outside softcache's own modules is not run."""
+    import shutil
+
+    import zarr
+
+    copy = tmp_path / "hostile.zarr"
+    shutil.copytree(cache.url, copy)
+    marker = tmp_path / "ran"
+    group = zarr.open_group(str(copy), mode="r+", use_consolidated=False)
+    manifest = dict(group.attrs["softcache"])
+    manifest["source"] = dict(manifest["source"], spec={"target": "os:system", "kwargs": {"command": f"touch {marker}"}})
+    group.attrs["softcache"] = manifest
+    zarr.consolidate_metadata(str(copy))
+    with pytest.raises(UsageError, match="--trust-cache-specs"):
+        train(str(copy), ["softcache.models:mlp"], config=TrainConfig(epochs=1), progress=False)
+    assert not marker.exists()
+    board = train(str(copy), ["softcache.models:mlp"], data=DATA_SPEC, config=TrainConfig(epochs=1), progress=False)
+    assert board.height == 1

@@ -78,3 +78,8 @@ def test_cache_opened_read_only_is_not_modified(cache: Cache) -> None:
     validate(cache.url, deep=True)
     after = {p: p.stat().st_mtime_ns for p in Path(cache.url).rglob("*") if p.is_file()}
     assert before == after
+
+
+def test_unfinished_eval_shard_is_reported(copy: Path) -> None:
+    zarr.open_array(str(copy / "eval" / "shard_done"), mode="r+")[0] = 0
+    assert any(e.startswith("eval/shards not done: [0]") for e in validate(str(copy))["errors"])
