@@ -171,13 +171,13 @@ def leaderboard(runs: Sequence[StudentRun], names: Sequence[str], evaluation: An
         cfg = run.config
         rows.append({
             "student": name, "spec": str(cfg.spec), "parameters": num_parameters(run.model),
-            "temperature": cfg.temperature, "alpha": cfg.alpha, "label_smoothing": cfg.label_smoothing,
+            "temperature": cfg.temperature if cfg.alpha > 0 else None, "alpha": cfg.alpha, "label_smoothing": cfg.label_smoothing,
             "lr": cfg.lr, "seed": cfg.seed, "epochs": train_cfg.epochs,
             "test_accuracy": acc, "teacher_agreement": agree,
             "final_loss": run.loss_history()[-1] if run.losses else None,
             "train_seconds": round(run.seconds, 3), "weights": path,
         })
-    schema = {"test_accuracy": pl.Float64, "teacher_agreement": pl.Float64, "final_loss": pl.Float64, "weights": pl.Utf8}
+    schema = {"temperature": pl.Float64, "test_accuracy": pl.Float64, "teacher_agreement": pl.Float64, "final_loss": pl.Float64, "weights": pl.Utf8}
     return pl.DataFrame(rows, schema_overrides=schema).sort("test_accuracy", descending=True, nulls_last=True)
 
 
