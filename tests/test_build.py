@@ -155,7 +155,8 @@ def test_specs_recorded_in_a_cache_never_run_unless_named(cache: Cache, tmp_path
     manifest = dict(group.attrs["softcache"])
     manifest["source"] = dict(manifest["source"], spec={"target": "os:system", "kwargs": {"command": f"touch {marker}"}})
     group.attrs["softcache"] = manifest
-    zarr.consolidate_metadata(str(copy))
+    with pytest.warns(UserWarning, match="Consolidated metadata"):
+        zarr.consolidate_metadata(str(copy))
     with pytest.raises(UsageError, match="--trust-cache-specs"):
         train(str(copy), ["softcache.models:mlp"], config=TrainConfig(epochs=1), progress=False)
     assert not marker.exists()
