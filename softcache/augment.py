@@ -197,18 +197,27 @@ def _mix_factor(rng: np.random.Generator, alpha: float, n: int) -> np.ndarray:
     return np.maximum(lam, 1 - lam)
 
 
-class Mixup(Op):
+class _Mixing(Op):
+    """Operations that mix a row with a partner row; the mixing factor is drawn from
+    Beta(alpha, alpha) folded to [0.5, 1] so the row itself always dominates."""
+
+    mixes = True
+    default_alpha = 1.0
+
+    def __init__(self, alpha: float | None = None):
+        alpha = self.default_alpha if alpha is None else alpha
+        if alpha <= 0:
+            raise UsageError(f"{self.name} alpha must be positive, not {alpha}")
+        self.alpha = float(alpha)
+
+
+class Mixup(_Mixing):
     """Blend with a partner row: ``lam * x + (1 - lam) * partner``, ``lam ~ Beta(alpha, alpha)``
     folded to [0.5, 1]. Parameters: partner row, lam."""
 
     name = "mixup"
     names = ("partner", "lam")
-    mixes = True
-
-    def __init__(self, alpha: float = 0.4):
-        if alpha <= 0:
-            raise UsageError(f"mixup alpha must be positive, not {alpha}")
-        self.alpha = float(alpha)
+    default_alpha = 0.4
 
     def sample(self, n: int, rng: np.random.Generator, *, population: int, shape: Sequence[int]) -> np.ndarray:
         return _f32(rng.integers(0, population, size=n), _mix_factor(rng, self.alpha, n))
@@ -218,7 +227,7 @@ class Mixup(Op):
         return lam * inputs + (1 - lam) * partner
 
 
-class CutMix(Op):
+class CutMix(_Mixing):
     """Paste a box of a partner row into the input. The box covers ``1 - lam`` of the area,
     ``lam ~ Beta(alpha, alpha)`` folded to [0.5, 1]. Parameters: partner row and the box in
     pixels (top, left, bottom, right; bottom/right exclusive), from which the kept fraction is
@@ -226,12 +235,6 @@ class CutMix(Op):
 
     name = "cutmix"
     names = ("partner", "top", "left", "bottom", "right")
-    mixes = True
-
-    def __init__(self, alpha: float = 1.0):
-        if alpha <= 0:
-            raise UsageError(f"cutmix alpha must be positive, not {alpha}")
-        self.alpha = float(alpha)
 
     def sample(self, n: int, rng: np.random.Generator, *, population: int, shape: Sequence[int]) -> np.ndarray:
         height, width = _spatial(shape)

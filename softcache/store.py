@@ -83,11 +83,8 @@ def _fs_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
-def _readonly(url: str) -> bool:
+def is_readonly(url: str) -> bool:
     return url.startswith(("http://", "https://"))
-
-
-is_readonly = _readonly
 
 
 def open_group(url: str, mode: str = "r", *, consolidated: bool | None = None) -> zarr.Group:
@@ -101,7 +98,7 @@ def open_group(url: str, mode: str = "r", *, consolidated: bool | None = None) -
     try:
         return zarr.open_group(url, mode=mode, zarr_format=3, use_consolidated=consolidated)  # type: ignore[arg-type]
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
-        if not _readonly(url):
+        if not is_readonly(url):
             fs, path = _fs_path(url)
             if not fs.exists(path):
                 raise CacheError(f"{url}: no such cache (path does not exist)") from None
@@ -125,7 +122,7 @@ def prepare_target(url: str, *, overwrite: bool) -> None:
 
     Only a softcache cache (a Zarr group whose ``zarr.json`` carries the manifest) is ever
     removed: a non-empty directory that is anything else is refused even with ``overwrite``."""
-    if _readonly(url):
+    if is_readonly(url):
         raise UsageError(f"{url}: http(s) URLs are read-only; write caches to a path, file:// or s3://")
     fs, path = _fs_path(url)
     if not fs.exists(path):
@@ -217,7 +214,7 @@ def stale_consolidated(url: str) -> list[str]:
     """Nodes whose consolidated metadata differs from their own ``zarr.json`` (the store was
     edited after it was finalized). Readers trust the consolidated copy, so this is an error;
     ``softcache finalize URL`` rewrites it. HTTP stores cannot be listed and are not checked."""
-    if _readonly(url):
+    if is_readonly(url):
         return []
     recorded_root = open_group(url, "r").metadata.consolidated_metadata
     if recorded_root is None:
@@ -290,11 +287,10 @@ class Split:
     def array(self, name: str) -> zarr.Array:
         return self.group[name]  # type: ignore[return-value]
 
-    def soft_labels(self, rows: slice | np.ndarray | None = None, view: int | None = 0) -> np.ndarray:
+    def soft_labels(self, rows: slice | None = None, view: int | None = 0) -> np.ndarray:
         """Stored values as float32 ``(n, C)`` for one view, or ``(n, V, C)`` with ``view=None``."""
-        sel = slice(None) if rows is None else rows
-        values = self.array(SOFT)[sel] if isinstance(sel, slice) else self.array(SOFT).oindex[sel]
-        values = np.asarray(values, dtype=np.float32)
+        # contiguous rows only: random rows would decode most chunks
+        values = np.asarray(self.array(SOFT)[rows or slice(None)], dtype=np.float32)
         return values if view is None else values[:, view]
 
     def labels(self) -> np.ndarray:
