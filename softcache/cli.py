@@ -110,8 +110,7 @@ def _cmd_synthesize(args: argparse.Namespace) -> int:
         config = SynthConfig(**given)
     except ValueError as exc:
         if isinstance(exc, ValidationError):
-            first = exc.errors()[0]
-            raise UsageError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+            raise UsageError(first_validation_error(exc, "synthesize")) from None
         raise UsageError(f"--input-shape must be comma-separated integers, not {args.input_shape!r}") from None
     if args.reuse_inputs is None and (args.samples is None or shape is None):
         raise UsageError("synthesize needs --samples N and --input-shape C,H,W (or --reuse-inputs URL)")
