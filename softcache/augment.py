@@ -19,6 +19,13 @@ still dominates and its hard label remains the sensible one for the hard-label t
 
 Parameters are float32 (the store's ``view_params`` dtype); integers such as partner rows and
 pixel offsets are exact in float32 below 2**24, and ``check_rows`` refuses caches beyond that.
+
+Inputs are (C, L) sequences or (C, H, W) images, told apart by the number of dimensions of one
+sample. On a sequence the spatial operations act along L (crop and resize with linear
+interpolation, flip, shift, a contiguous CutMix segment); mixup is the same for any shape. A shape
+an operation cannot transform meaningfully (no channel dimension, a shift that can move every
+value out, a CutMix box that can never cover anything) is refused when the parameters are drawn,
+i.e. at build time, rather than producing views that are all fill or identical to the input.
 """
 
 from __future__ import annotations
@@ -33,9 +40,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import UsageError
+from .errors import CacheError, UsageError
 from .manifest import Spec, ViewInfo
-from .specs import call_spec, check_recorded
+from .specs import Trust, call_spec, check_recorded
 
 PartnerFn = Callable[[torch.Tensor], torch.Tensor]
 """Raw inputs of the given rows (a 1-D int64 tensor) of the split being augmented."""
@@ -71,10 +78,16 @@ class Op:
     def param_names(self) -> list[str]:
         return [f"{self.name}.{n}" for n in self.names]
 
+    def check_shape(self, shape: Sequence[int]) -> str:
+        """The input kind of ``shape``, or a one-line UsageError when this operation cannot
+        transform it into a meaningful view."""
+        return input_kind(self.name, shape)
+
     def sample(self, n: int, rng: np.random.Generator, *, population: int, shape: Sequence[int]) -> np.ndarray:
         raise NotImplementedError
 
     def apply(self, inputs: torch.Tensor, params: torch.Tensor, partners: PartnerFn | None = None) -> torch.Tensor:
+        self.check_shape(tuple(inputs.shape[1:]))
         if not self.mixes:
             return self.transform(inputs, params)
         if partners is None:
@@ -96,10 +109,34 @@ def _f32(*columns: np.ndarray) -> np.ndarray:
     return np.stack(columns, axis=1).astype(np.float32)
 
 
+SEQUENCE, IMAGE = "sequence", "image"
+"""The two input kinds: one sample shaped (C, L) or (C, H, W)."""
+
+
+def input_kind(name: str, shape: Sequence[int]) -> str:
+    """Which kind a sample shape is; any other shape is refused, naming the augmentation, because
+    guessing which axes are spatial is how views silently become garbage."""
+    dims = tuple(int(s) for s in shape)
+    if len(dims) not in (2, 3) or min(dims) < 1:
+        raise UsageError(f"augmentation {name} works on (C, L) sequences and (C, H, W) images, "
+                         f"not inputs of shape {dims}")
+    return SEQUENCE if len(dims) == 2 else IMAGE
+
+
+def _batch_kind(name: str, inputs: torch.Tensor) -> str:
+    return input_kind(name, tuple(inputs.shape[1:]))
+
+
+def _planes(inputs: torch.Tensor) -> torch.Tensor:
+    """A batch as (n, C, H, W): a sequence is an image one row high, so one implementation of
+    each spatial operation serves both kinds (along L only, the row index being fixed at 0)."""
+    return inputs.unsqueeze(-2) if inputs.ndim == 3 else inputs
+
+
 def _spatial(shape: Sequence[int]) -> tuple[int, int]:
-    if len(shape) < 2:
-        raise UsageError(f"image augmentations need inputs shaped (..., H, W); got sample shape {tuple(shape)}")
-    return int(shape[-2]), int(shape[-1])
+    """(H, W) of an image sample, (1, L) of a sequence."""
+    dims = tuple(int(s) for s in shape)
+    return (1, dims[-1]) if len(dims) == 2 else (dims[-2], dims[-1])
 
 
 def _base_grid(size: int, like: torch.Tensor) -> torch.Tensor:
@@ -110,7 +147,9 @@ def _base_grid(size: int, like: torch.Tensor) -> torch.Tensor:
 class RandomResizedCrop(Op):
     """Crop a random box (area fraction in ``scale``, aspect in ``ratio``) and resize it back to
     the input size with bilinear sampling. Parameters: box width and height as fractions of the
-    image, and its centre in normalised coordinates [-1, 1]."""
+    image, and its centre in normalised coordinates [-1, 1]. On a (C, L) sequence the window is a
+    segment whose length fraction is drawn from ``scale`` (``ratio`` has no meaning there),
+    resized back with linear interpolation; its ``h`` is 1 and ``cy`` 0."""
 
     name = "crop"
     names = ("w", "h", "cx", "cy")
@@ -124,6 +163,10 @@ class RandomResizedCrop(Op):
         self.scale, self.ratio = (lo, hi), (float(ratio[0]), float(ratio[1]))
 
     def sample(self, n: int, rng: np.random.Generator, *, population: int, shape: Sequence[int]) -> np.ndarray:
+        if self.check_shape(shape) == SEQUENCE:
+            length = rng.uniform(*self.scale, size=n)
+            centre = rng.uniform(-1, 1, size=n) * (1 - length)
+            return _f32(length, np.ones(n), centre, np.zeros(n))
         area = rng.uniform(*self.scale, size=n)
         log_ratio = rng.uniform(math.log(self.ratio[0]), math.log(self.ratio[1]), size=n)
         w = np.minimum(np.sqrt(area * np.exp(log_ratio)), 1.0)
@@ -133,9 +176,12 @@ class RandomResizedCrop(Op):
         return _f32(w, h, cx, cy)
 
     def transform(self, inputs: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        n, (height, width) = len(inputs), inputs.shape[-2:]
-        flat = inputs.reshape(n, -1, height, width)
+        planes = _planes(inputs)
+        n, (height, width) = len(inputs), planes.shape[-2:]
+        flat = planes.reshape(n, -1, height, width)
         p = params.to(flat.dtype)
+        if inputs.ndim == 3:  # one row: sampled exactly at its centre, so bilinear is linear along L
+            p = torch.cat([p[:, :1], torch.ones_like(p[:, :1]), p[:, 2:3], torch.zeros_like(p[:, :1])], dim=1)
         gx = p[:, 2:3] + p[:, 0:1] * _base_grid(width, flat)  # (n, W)
         gy = p[:, 3:4] + p[:, 1:2] * _base_grid(height, flat)  # (n, H)
         grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
@@ -144,7 +190,8 @@ class RandomResizedCrop(Op):
 
 
 class HorizontalFlip(Op):
-    """Mirror left-right with probability ``p``. Parameter: 1.0 flipped, 0.0 not."""
+    """Mirror left-right (along L for a sequence) with probability ``p``. Parameter: 1.0
+    flipped, 0.0 not."""
 
     name = "flip"
     names = ("flip",)
@@ -155,6 +202,7 @@ class HorizontalFlip(Op):
         self.p = float(p)
 
     def sample(self, n: int, rng: np.random.Generator, *, population: int, shape: Sequence[int]) -> np.ndarray:
+        self.check_shape(shape)
         return _f32((rng.random(n) < self.p).astype(np.float64))
 
     def transform(self, inputs: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
@@ -164,7 +212,9 @@ class HorizontalFlip(Op):
 
 class Shift(Op):
     """Translate by whole pixels, up to ``max_shift`` each way, filling with ``fill``.
-    Parameters: dx, dy (integers). Pixels are copied, never interpolated."""
+    Parameters: dx, dy (integers). Pixels are copied, never interpolated. A sequence moves along
+    L only (``dy`` is 0). A shift as large as the input could move every value out, leaving a
+    view of fill only, so such a shape is refused."""
 
     name = "shift"
     names = ("dx", "dy")
@@ -174,15 +224,31 @@ class Shift(Op):
             raise UsageError(f"max_shift must be a positive integer, not {max_shift}")
         self.max_shift, self.fill = int(max_shift), float(fill)
 
+    def check_shape(self, shape: Sequence[int]) -> str:
+        kind = input_kind(self.name, shape)
+        height, width = _spatial(shape)
+        moved = {"length": width} if kind == SEQUENCE else {"height": height, "width": width}
+        for axis, size in moved.items():
+            if self.max_shift >= size:
+                raise UsageError(f"augmentation {self.name} with max_shift={self.max_shift} can move every value out "
+                                 f"of inputs of shape {tuple(int(d) for d in shape)} ({axis} {size}); "
+                                 f"use max_shift below {size}")
+        return kind
+
     def sample(self, n: int, rng: np.random.Generator, *, population: int, shape: Sequence[int]) -> np.ndarray:
         m = self.max_shift
+        if self.check_shape(shape) == SEQUENCE:
+            return _f32(rng.integers(-m, m + 1, size=n), np.zeros(n))
         return _f32(rng.integers(-m, m + 1, size=n), rng.integers(-m, m + 1, size=n))
 
     def transform(self, inputs: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        n, (height, width), m = len(inputs), inputs.shape[-2:], self.max_shift
-        flat = inputs.reshape(n, -1, height, width)
+        planes = _planes(inputs)
+        n, (height, width), m = len(inputs), planes.shape[-2:], self.max_shift
+        flat = planes.reshape(n, -1, height, width)
         padded = F.pad(flat, (m, m, m, m), value=self.fill)
         d = params.round().long().clamp(-m, m)
+        if inputs.ndim == 3:
+            d = torch.cat([d[:, :1], torch.zeros_like(d[:, :1])], dim=1)
         dev = inputs.device
         rows = torch.arange(height, device=dev)[None, :] - d[:, 1:2] + m  # (n, H)
         cols = torch.arange(width, device=dev)[None, :] - d[:, 0:1] + m  # (n, W)
@@ -219,7 +285,15 @@ class Mixup(_Mixing):
     names = ("partner", "lam")
     default_alpha = 0.4
 
+    def check_shape(self, shape: Sequence[int]) -> str:
+        """Blending is elementwise: any non-empty sample shape will do."""
+        dims = tuple(int(s) for s in shape)
+        if not dims or min(dims) < 1:
+            raise UsageError(f"augmentation {self.name} needs inputs with at least one element, not shape {dims}")
+        return {2: SEQUENCE, 3: IMAGE}.get(len(dims), "other")
+
     def sample(self, n: int, rng: np.random.Generator, *, population: int, shape: Sequence[int]) -> np.ndarray:
+        self.check_shape(shape)
         return _f32(rng.integers(0, population, size=n), _mix_factor(rng, self.alpha, n))
 
     def mix(self, inputs: torch.Tensor, partner: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
@@ -231,12 +305,27 @@ class CutMix(_Mixing):
     """Paste a box of a partner row into the input. The box covers ``1 - lam`` of the area,
     ``lam ~ Beta(alpha, alpha)`` folded to [0.5, 1]. Parameters: partner row and the box in
     pixels (top, left, bottom, right; bottom/right exclusive), from which the kept fraction is
-    exact."""
+    exact. On a sequence the box is a contiguous segment of L (top 0, bottom 1) of at least one
+    element, so no view is left untouched; an image or sequence too small for any box to fit in
+    half of it is refused."""
 
     name = "cutmix"
     names = ("partner", "top", "left", "bottom", "right")
 
+    def check_shape(self, shape: Sequence[int]) -> str:
+        kind = input_kind(self.name, shape)
+        height, width = _spatial(shape)
+        if (width if kind == SEQUENCE else min(height, width)) < 2:
+            raise UsageError(f"augmentation {self.name} cannot paste anything into inputs of shape "
+                             f"{tuple(int(d) for d in shape)}: it needs at least 2 positions along each spatial axis")
+        return kind
+
     def sample(self, n: int, rng: np.random.Generator, *, population: int, shape: Sequence[int]) -> np.ndarray:
+        if self.check_shape(shape) == SEQUENCE:
+            length = int(shape[-1])
+            cut = np.maximum(np.floor((1 - _mix_factor(rng, self.alpha, n)) * length).astype(np.int64), 1)
+            left = rng.integers(0, length - cut + 1)
+            return _f32(rng.integers(0, population, size=n), np.zeros(n), left, np.ones(n), left + cut)
         height, width = _spatial(shape)
         cut = np.sqrt(1 - _mix_factor(rng, self.alpha, n))
         bh, bw = np.floor(cut * height).astype(np.int64), np.floor(cut * width).astype(np.int64)
@@ -245,6 +334,10 @@ class CutMix(_Mixing):
         return _f32(rng.integers(0, population, size=n), top, left, top + bh, left + bw)
 
     def mix(self, inputs: torch.Tensor, partner: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        if inputs.ndim == 3:  # a segment of L: the box on the one-row image, rows fixed to [0, 1)
+            rows = torch.tensor([0.0, 1.0], dtype=params.dtype, device=params.device).expand(len(params), 2)
+            spans = torch.stack([params[:, 0], rows[:, 0], params[:, 2], rows[:, 1], params[:, 4]], dim=1)
+            return self.mix(_planes(inputs), _planes(partner), spans).reshape(inputs.shape)
         height, width = inputs.shape[-2:]
         box = params[:, 1:5].round().long()
         ys = torch.arange(height, device=inputs.device)[None, :]
@@ -277,6 +370,10 @@ class Chain(Op):
             raise UsageError(f"augmentation chain repeats an operation: {names}")
         return names
 
+    def check_shape(self, shape: Sequence[int]) -> str:
+        kinds = [op.check_shape(shape) for op in self.ops]
+        return kinds[0]
+
     def sample(self, n: int, rng: np.random.Generator, *, population: int, shape: Sequence[int]) -> np.ndarray:
         parts = [op.sample(n, rng, population=population, shape=shape) for op in self.ops]
         return np.concatenate(parts, axis=1).astype(np.float32)
@@ -287,16 +384,12 @@ class Chain(Op):
             if op.mixes:
                 if partners is None:
                     raise UsageError(f"augmentation {op.name} mixes rows but no partner rows were provided")
-                before = self.ops[:i]
-                prefix = self._slices[:i]
-                fetch = partners
 
-                def prepared(rows: torch.Tensor, fetch: PartnerFn = fetch, before: list[Op] = before,
-                             prefix: list[slice] = prefix) -> torch.Tensor:
+                def prepared(rows: torch.Tensor, fetch: PartnerFn = partners, i: int = i) -> torch.Tensor:
+                    # the partner goes through the steps before this one as the row itself does,
+                    # mixing steps included (their partners are prepared the same way, recursively)
                     x = fetch(rows)
-                    for prev, c in zip(before, prefix):
-                        x = prev.apply(x, params[:, c])
-                    return x
+                    return Chain(self.ops[:i]).apply(x, params[:, : self._slices[i].start], fetch) if i else x
 
                 out = op.apply(out, params[:, cols], prepared)
             else:
@@ -385,8 +478,20 @@ def apply_views(aug: Replayable, inputs: torch.Tensor, params: torch.Tensor,
     return out.reshape(n, v, *inputs.shape[1:])
 
 
-def resolve_views(augment: Spec | str | None, views: int, seed: int, rows: int) -> tuple[Replayable | None, ViewInfo]:
-    """The augmentation and the manifest's view record for ``--views V --augment SPEC``."""
+def check_input_shape(aug: Replayable, shape: Sequence[int]) -> None:
+    """Refuse, before any view is drawn, a sample shape the augmentation cannot transform into
+    meaningful views (built-ins say so through ``check_shape``; other augmentations are trusted
+    to check their own shape in ``sample``)."""
+    check = getattr(aug, "check_shape", None)
+    if callable(check):
+        check(tuple(int(s) for s in shape))
+
+
+def resolve_views(augment: Spec | str | None, views: int, seed: int, rows: int,
+                  shape: Sequence[int] | None = None) -> tuple[Replayable | None, ViewInfo]:
+    """The augmentation and the manifest's view record for ``--views V --augment SPEC``; with
+    ``shape`` (one sample's) an augmentation that cannot transform it is refused here, before
+    anything is written."""
     if views < 1:
         raise UsageError(f"--views must be at least 1, not {views}")
     if augment is None:
@@ -397,6 +502,8 @@ def resolve_views(augment: Spec | str | None, views: int, seed: int, rows: int) 
     spec = Spec.parse(augment)
     aug = load_augmentation(spec)
     check_rows(aug, rows, str(spec))
+    if shape is not None:
+        check_input_shape(aug, shape)
     if views == 1:
         warnings.warn(f"augmentation {spec} with one view: every epoch replays the same augmented view of a sample",
                       UserWarning, stacklevel=2)
@@ -421,6 +528,7 @@ def shard_params(aug: Replayable, rows: range, views: int, seed: int, population
 def view_blocks(blocks: Iterator[Any], aug: Replayable, label: str, rows: range, views: int, seed: int,
                 population: int, shape: Sequence[int], partners: PartnerFn | None) -> Iterator[Any]:
     """Add ``views`` and ``view_params`` to each ``build.RowBlock`` of a shard."""
+    check_input_shape(aug, shape)
     params = shard_params(aug, rows, views, seed, population, shape)
     offset, checked = 0, False
     for block in blocks:
@@ -441,6 +549,8 @@ class ViewReplay:
     def __init__(self, aug: Replayable, inputs: torch.Tensor, view_params: torch.Tensor):
         if len(view_params) != len(inputs):
             raise UsageError(f"{len(inputs)} inputs but {len(view_params)} rows of view parameters")
+        check_input_shape(aug, tuple(inputs.shape[1:]))
+        check_stored_params(list(aug.param_names), view_params, len(inputs))
         self.aug, self.inputs, self.view_params = aug, inputs.to(torch.float32), view_params
 
     def to(self, device: torch.device | str) -> ViewReplay:
@@ -451,6 +561,26 @@ class ViewReplay:
 
     def __call__(self, rows: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
         return self.aug.apply(self.inputs[rows], self.view_params[rows, views], self._partners)
+
+
+def check_stored_params(names: list[str], view_params: torch.Tensor, population: int) -> None:
+    """Stored parameters come from a file: a NaN would turn a view into NaNs and a partner row
+    outside the split would index past the inputs, so both are refused before any replay."""
+    if view_params.ndim != 3 or view_params.shape[-1] != len(names):
+        raise CacheError(f"view_params has shape {tuple(view_params.shape)}, expected (rows, views, {len(names)})")
+    finite = torch.isfinite(view_params).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten()
+        raise CacheError(f"view_params hold NaN/Inf in {len(bad)} row(s), first {bad[:10].tolist()}")
+    for column, name in enumerate(names):
+        if not name.endswith(".partner"):
+            continue
+        rows = view_params[..., column]
+        bad = ((rows != rows.round()) | (rows < 0) | (rows >= population)).flatten(1).any(dim=1)
+        if bool(bad.any()):
+            first = bad.nonzero().flatten()
+            raise CacheError(f"view_params column {name} names partner rows outside 0..{population - 1} "
+                             f"in {len(first)} row(s), first {first[:10].tolist()}")
 
 
 def replay_for(info: ViewInfo, view_params: np.ndarray | None, inputs: torch.Tensor,
@@ -467,10 +597,16 @@ def replay_for(info: ViewInfo, view_params: np.ndarray | None, inputs: torch.Ten
     return ViewReplay(aug, inputs, torch.from_numpy(np.asarray(view_params, dtype=np.float32)))
 
 
-def cache_replay(cache: Any, inputs: torch.Tensor, trust: bool = False) -> ViewReplay | None:
-    """The replay for the training rows of an opened ``store.Cache`` (None for plain caches)."""
+def cache_replay(cache: Any, inputs: torch.Tensor, trust: Trust | bool = False) -> ViewReplay | None:
+    """The replay for the training rows of an opened ``store.Cache`` (None for plain caches).
+
+    The recorded augmentation is data, and it runs whatever inputs the user passed: it is
+    checked against softcache's allowlist and ``trust`` before anything is read or imported."""
     from .store import VIEW_PARAMS
 
+    views = cache.manifest.views
+    if views.replay == "params" and views.augment is not None:
+        check_recorded(views.augment, "view augmentation", "", trust)
     split = cache.train
     params = np.asarray(split.array(VIEW_PARAMS)[:]) if VIEW_PARAMS in split.group else None
     return replay_for(cache.manifest.views, params, inputs, trust)

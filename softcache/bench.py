@@ -194,11 +194,29 @@ def measure_epochs(w: Workload) -> dict[str, Any]:
 
     times = alternate({"tensor": in_tensor, "memory": from_store("memory"), "stream": from_store("stream")}, s.repeats)
     per_epoch = {k: median(v) / s.epochs for k, v in times.items()}
+    crc = checksum_seconds(w.cache, s.repeats)
     return {
         "store_vs_memory_epoch": ratio(times, "memory", "tensor"),
         "streaming_vs_memory_epoch": ratio(times, "stream", "tensor"),
         "epoch_seconds": per_epoch,
+        "checksum_seconds_per_read": crc,
+        "checksum_share_of_stream_epoch": crc / per_epoch["stream"],
     }
+
+
+def checksum_seconds(cache: Cache, repeats: int) -> float:
+    """What verifying the soft labels' crc32c costs per full read of them (both timings above
+    include it): the guard and zarr's codec each check every chunk, so twice over the bytes."""
+    import google_crc32c
+
+    blob = np.zeros(cache.train.array(store.SOFT).nbytes, dtype=np.uint8)  # the cost does not depend on the values
+    samples = []
+    for _ in range(repeats):
+        elapsed = timer()
+        google_crc32c.value(blob)
+        google_crc32c.value(blob)
+        samples.append(elapsed())
+    return median(samples)
 
 
 def sample_loader(w: Workload) -> MemoryLoader:
@@ -590,6 +608,8 @@ def format_report(r: dict[str, Any]) -> str:
          target("store_vs_memory_epoch")),
         ("epoch from store (streaming) / epoch from tensor", f"{r['streaming_vs_memory_epoch']:.3f}",
          target("streaming_vs_memory_epoch")),
+        ("crc32c checks per full read of the soft labels", f"{1000 * r['checksum_seconds_per_read']:.2f} ms",
+         f"{100 * r['checksum_share_of_stream_epoch']:.2f}% of a streaming epoch (both ratios above include it)"),
         ("online KD epoch / cached KD epoch", f"{r['online_vs_cached_epoch']:.2f}",
          f"ideal (teacher+student)/student {r['online_vs_cached_ideal']:.2f}; "
          f"teacher = {r['teacher_vs_student_cost']:.1f}x student"),

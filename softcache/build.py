@@ -38,8 +38,9 @@ from .manifest import (
     compute_cache_key,
     now_iso,
 )
+from .location import Location, record_location, record_value
 from .progress import Progress
-from .specs import load_model, num_parameters, probe_model, resolve_device, weights_digest
+from .specs import Trust, load_model, num_parameters, probe_model, resolve_device, weights_digest
 from .writer import ChunkWriter
 
 DEFAULT_CHUNK_ROWS = 4096
@@ -191,6 +192,31 @@ def make_manifest(
     )
 
 
+def _recorded_spec(spec: Spec | None, cache: Location) -> Spec | None:
+    if spec is None:
+        return None
+    target = record_location(spec.target, cache) if spec.is_file() else spec.target
+    return Spec(target=target, kwargs=record_value(spec.kwargs, cache))
+
+
+def recorded_manifest(manifest: Manifest, cache: Location) -> Manifest:
+    """The manifest as written into the cache at ``cache``: files and URLs its SPECs (and the
+    datasets' own descriptions) name are rewritten by ``location.record_location``, so a shared
+    cache carries no credentials and no paths of the machine that built it. The cache key is
+    recomputed; it changes only if the view augmentation's keywords named a file or URL."""
+    m = manifest.model_copy(deep=True)
+    m.teacher.spec = _recorded_spec(m.teacher.spec, cache)
+    sources = [m.source] + ([m.eval.source] if m.eval is not None else [])
+    for source in sources:
+        if isinstance(source, DatasetSource):
+            source.spec = _recorded_spec(source.spec, cache)
+            source.info = record_value(source.info, cache)
+    m.views.augment = _recorded_spec(m.views.augment, cache)
+    m.cache_key = compute_cache_key(m.teacher, m.source, m.classes, m.temperature, m.storage, m.views,
+                                    m.eval.source if m.eval is not None else None)
+    return m
+
+
 def write_split(
     group: Any,
     teacher: nn.Module,
@@ -263,19 +289,26 @@ def build(
     view_seed: int = 0,
     shard: str | distributed.ShardSpec | None = None,
     resume: bool = False,
+    teacher_arch: str | Spec | None = None,
+    trust: Trust | None = None,
 ) -> store.Cache:
     """Label ``data`` (and ``eval_data``) with the teacher and write a complete cache at ``out``.
 
     With ``augment`` (a replayable augmentation SPEC) the teacher labels ``views`` views of every
     sample, drawn with ``view_seed``, and the cache stores each view's parameters so stage 2
-    re-creates exactly the input the teacher saw. The eval split keeps the clean inputs."""
+    re-creates exactly the input the teacher saw. The eval split keeps the clean inputs.
+
+    A ``.safetensors`` teacher is rebuilt from the architecture its metadata records only when
+    that is on softcache's allowlist or in a module the user trusts (``trust``, default
+    ``Trust.from_user()``); ``teacher_arch`` names the architecture instead."""
     if dtype not in ("float16", "float32"):
         raise UsageError(f"dtype must be float16 or float32, not {dtype!r}")
     if batch_size < 1:
         raise UsageError("batch size must be at least 1")
     dev = resolve_device(device)
     teacher_spec = None if isinstance(teacher, nn.Module) else Spec.parse(teacher)
-    model = teacher if isinstance(teacher, nn.Module) else load_model(teacher_spec)  # type: ignore[arg-type]
+    model = teacher if isinstance(teacher, nn.Module) else \
+        load_model(teacher_spec, trust=trust, arch=teacher_arch)  # type: ignore[arg-type]
     model = model.to(dev).eval()
     dataset, data_spec = load_dataset(data)
     if len(dataset) == 0:  # type: ignore[arg-type]
@@ -287,7 +320,8 @@ def build(
         raise UsageError(f"teacher output has shape {tuple(probe.shape)}; expected (batch, classes)")
     storage_info = storage if isinstance(storage, StorageInfo) else parse_storage(storage, dtype)
     storage_info.dtype = dtype  # type: ignore[assignment]
-    aug, view_info = resolve_views(augment, views, view_seed, len(dataset))  # type: ignore[arg-type]
+    aug, view_info = resolve_views(augment, views, view_seed, len(dataset),  # type: ignore[arg-type]
+                                   shape=tuple(probe_x.shape[1:]))
     manifest = make_manifest(
         teacher_info(model, teacher_spec),
         describe(dataset, data_spec),
@@ -328,7 +362,9 @@ def run_build(
     have shards to do; ``cache.build_report`` says what this worker did.
     """
     start = time.perf_counter()
-    manifest = plan.manifest
+    target = Location.of(out)
+    out = target.zarr_url  # file:// URLs are written as the local paths they name
+    manifest = plan.manifest = recorded_manifest(plan.manifest, target)
     me = distributed.resolve_shard(shard)
     with_eval = eval_blocks is not None and manifest.eval is not None
     arrays = {"train": store.split_arrays(manifest, manifest.layout.rows, store_inputs=plan.store_inputs)}

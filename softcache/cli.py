@@ -12,10 +12,12 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from .errors import SoftcacheError, UsageError, first_validation_error
+from .errors import CacheError, SoftcacheError, UsageError, first_validation_error
+from .location import is_timeout, redact_text, timeout_scope
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -33,11 +35,29 @@ def _common() -> argparse.ArgumentParser:
     common.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: $SOFTCACHE_THREADS, else 1: small ops run fastest single-threaded)")
     common.add_argument("--quiet", action="store_true", help="no progress output")
+    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, metavar="SECONDS",  # before or after the command
+                        help="how long a remote request (http, s3) may wait for an answer "
+                             "(default: $SOFTCACHE_TIMEOUT, else 60)")
     return common
 
 
+def _trust_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-module", action="append", default=[], metavar="MODULE",
+                   help="let SPECs recorded in caches and weights files name functions of this module of yours "
+                        "(repeatable; also $SOFTCACHE_TRUSTED_MODULES and [tool.softcache] trusted-modules "
+                        "in ./pyproject.toml)")
+
+
+def _trust(args: argparse.Namespace) -> Any:
+    from .specs import Trust
+
+    return Trust.from_user(args.trust_module, cache_specs=getattr(args, "trust_cache_specs", False))
+
+
 def _emit(obj: Any, as_json: bool, human: str) -> None:
-    print(json.dumps(obj, indent=2, default=str) if as_json else human)
+    from .location import redact_text
+
+    print(redact_text(json.dumps(obj, indent=2, default=str) if as_json else human))
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
@@ -52,7 +72,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
                       storage=args.storage, dtype=args.dtype, batch_size=args.batch_size, chunk_rows=args.chunk_rows,
                       shard_chunks=args.shard_chunks, store_inputs=args.store_inputs, device=args.device,
                       overwrite=args.overwrite, progress=not args.quiet, shard=args.shard, resume=args.resume,
-                      views=args.views, augment=args.augment, view_seed=args.view_seed or 0)
+                      views=args.views, augment=args.augment, view_seed=args.view_seed or 0,
+                      teacher_arch=args.teacher_arch, trust=_trust(args))
     report = cache.build_report or {}
     summary = {"url": cache.url, "rows": cache.train.rows, "eval_rows": cache.eval.rows if cache.eval else 0,
                "cache_key": cache.manifest.cache_key, "complete": cache.complete,
@@ -69,7 +90,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
 def _warning_lines(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                    file: Any = None, line: str | None = None) -> None:
     """Library warnings as one line with the contract's prefix (they say what to expect)."""
-    print(f"softcache: warning: {_one_line(str(message))}", file=sys.stderr, flush=True)
+    from .location import redact_text
+
+    print(f"softcache: warning: {_one_line(redact_text(str(message)))}", file=sys.stderr, flush=True)
 
 
 def _one_line(text: str) -> str:
@@ -153,7 +176,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     cfg = load_pipeline(args.file, args.set or [])
-    results = run_pipeline(cfg, only=args.only, shard=args.shard, progress=not args.quiet)
+    if args.verify_key:
+        _verify_pipeline_cache(cfg, args.only, args.verify_key)
+    results = run_pipeline(cfg, only=args.only, shard=args.shard, progress=not args.quiet, trust=_trust(args))
     obj = summary(cfg, args.file, results, time.perf_counter() - start)
     lines = []
     for r in results:
@@ -166,6 +191,42 @@ def _cmd_run(args: argparse.Namespace) -> int:
     lines.append(f"pipeline {cfg.name}: {len(obj['ran'])} stage(s) ran in {obj['seconds']:.1f}s")
     _emit(obj, args.json, "\n".join(lines))
     return 0
+
+
+def _verify_pipeline_cache(cfg: Any, only: str | None, key: str) -> None:
+    """``run --verify-key``: the pipeline's cache came from elsewhere, so it is checked before the
+    train stages; a run that builds the cache itself has nothing to verify."""
+    from .pipeline import select_stages
+    from .sign import verify
+
+    if "build" in select_stages(cfg, only):
+        raise UsageError("--verify-key checks a cache received from elsewhere, but this run builds the cache; "
+                         "run the train stages only (--only train) against the received cache")
+    verify(cfg.path(cfg.cache.url), key)
+
+
+def _cmd_sign(args: argparse.Namespace) -> int:
+    from .sign import sign
+
+    result = sign(args.url, args.key, signature=args.signature)
+    _emit(result, args.json, f"signed {result['url']}: {result['files']} files, key {result['key_id'][:16]}, "
+          f"signature {result['signature']}")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .sign import verification
+
+    result = verification(args.url, args.key, signature=args.signature)
+    if result["verified"]:
+        _emit(result, args.json, f"verified {result['url']}: {result['files']} files match the signature "
+              f"{result['signature']} of key {result['key_id'][:16]}"
+              + ("" if result["listed"] else " (http: files outside the signature cannot be listed)"))
+        return 0
+    if args.json:
+        _emit(result, True, "")
+    print(f"softcache: error: not verified: {_one_line(str(result['reason']))}", file=sys.stderr)
+    return 1
 
 
 def student_grid(specs: Sequence[str], temperatures: Sequence[float], alphas: Sequence[float], lrs: Sequence[float],
@@ -199,11 +260,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(first_validation_error(exc, "train")) from None
     from .store import open_cache
 
+    if args.verify_key:  # before anything of the cache is read
+        from .sign import verify
+
+        verify(args.cache, args.verify_key)
     cache = open_cache(args.cache, allow_incomplete=args.allow_incomplete)
-    board = train(cache, students, data=args.data, eval_data=args.eval_data, out_dir=args.out, config=config,
-                  progress=not args.quiet, trust_cache_specs=args.trust_cache_specs)
+    board = train(cache, students, data=args.data, eval_data=args.eval_data, out_dir=_local_dir(args.out), config=config,
+                  progress=not args.quiet, trust=_trust(args), overwrite=args.overwrite)
     _emit({"leaderboard": board.to_dicts(), "out": args.out}, args.json, format_board(board))
     return 0
+
+
+def _local_dir(url: str) -> str:
+    """``train --out``: results are local files, so a ``file://`` URL counts as the path it names."""
+    from .location import Location
+
+    where = Location.of(url)
+    if where.local_path is None:
+        raise UsageError(f"--out {where}: results go to a local directory (a path or a file:// URL)")
+    return str(where.local_path)
 
 
 def _size(text: str | None) -> int | None:
@@ -246,9 +321,20 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         f"{info['bytes_per_sample']:.1f} bytes/sample",
         f"teacher      train accuracy {_pct(info['teacher_train_accuracy'])}, mean max prob {_pct(info['teacher_mean_max_prob'])}",
     ] + ([f"build        {info['shards_done']}/{info['shards_total']} shards done (incomplete: figures cover "
-           "written rows only)"] if not cache.complete else []))
+           "written rows only)"] if not cache.complete else []) + _trust_lines(info, cache.manifest, _trust(args)))
     _emit(info, args.json, human)
     return 0
+
+
+def _trust_lines(info: dict[str, Any], manifest: Any, trust: Any) -> list[str]:
+    """``inspect``: the modules the user trusts (and where they said so) and what of the code the
+    cache names may not run; adds ``info["trust"]``. Checked as text, nothing is imported."""
+    from .specs import recorded_spec_problems
+
+    info["trust"] = {**trust.describe(), "recorded_spec_problems": recorded_spec_problems(manifest, trust)}
+    modules = ", ".join(f"{m['module']} ({m['from']})" for m in info["trust"]["modules"])
+    return [f"trusted      {modules or 'no modules beyond softcache allowlist'}"] + \
+        [f"code         {problem}" for problem in info["trust"]["recorded_spec_problems"]]
 
 
 def _spec_str(spec: dict[str, Any]) -> str:
@@ -352,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build", parents=[common], help="run a teacher once and cache its soft labels")
     p.add_argument("--teacher", required=True, help="SPEC: package.module:callable[,k=v...] or weights.safetensors")
+    p.add_argument("--teacher-arch", default=None, metavar="SPEC",
+                   help="architecture to load a weights-file teacher into, instead of the one its metadata names")
+    _trust_flags(p)
     p.add_argument("--data", required=True, help="dataset SPEC (items are (input, label) or input)")
     p.add_argument("--eval-data", default=None, help="held-out dataset SPEC: its teacher outputs go to the 'eval' split")
     p.add_argument("--out", required=True, help="cache URL: path, file://, s3://")
@@ -406,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", default=None, metavar="STAGES",
                    help="comma-separated stages: teacher, build, train (all train stages) or train:NAME")
     p.add_argument("--shard", default=None, metavar="I/N", help="build stage only: this worker's share of N")
+    _trust_flags(p)
+    p.add_argument("--verify-key", default=None, metavar="PUB.pem",
+                   help="check the pipeline's (received) cache against its signature before the train stages")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_cmd_run)
 
@@ -436,12 +528,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-group", action="store_true",
                    help="step students one by one instead of stacking those that share an architecture")
     p.add_argument("--out", required=True, help="directory for leaderboard.parquet and students/*.safetensors")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier results in --out")
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true")
     p.add_argument("--allow-incomplete", action="store_true",
                    help="read a cache that is still being built (or was interrupted)")
+    p.add_argument("--verify-key", default=None, metavar="PUB.pem",
+                   help="check the cache against its signature with this public key before training (exit 1 if not)")
     p.add_argument("--trust-cache-specs", action="store_true",
-                   help="run dataset/augmentation SPECs the cache records even outside softcache's own modules")
+                   help="run dataset/augmentation SPECs the cache records even outside softcache's allowlist")
+    _trust_flags(p)
     p.set_defaults(handler=_cmd_train)
 
     p = sub.add_parser("bench", parents=[common], help="measure the performance claims side by side")
@@ -452,6 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", parents=[common], help="summarise a cache")
     p.add_argument("url")
+    _trust_flags(p)
     p.add_argument("--json", action="store_true")
     p.add_argument("--allow-incomplete", action="store_true",
                    help="read a cache that is still being built (or was interrupted)")
@@ -462,6 +559,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deep", action="store_true", help="also cross-check stats, sample index and cache key")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_cmd_validate)
+
+    p = sub.add_parser("sign", parents=[common], help="sign a complete cache (OpenSSF model-signing, EC key)")
+    p.add_argument("url")
+    p.add_argument("--key", required=True, metavar="KEY.pem", help="elliptic-curve private key, PEM (P-256/384/521)")
+    p.add_argument("--signature", default=None, metavar="URL", help="where the signature goes (default: URL.sig)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cmd_sign)
+
+    p = sub.add_parser("verify", parents=[common], help="check a cache against its signature; exit 0 verified, 1 not")
+    p.add_argument("url")
+    p.add_argument("--key", required=True, metavar="PUB.pem", help="the signer's public key, PEM")
+    p.add_argument("--signature", default=None, metavar="URL", help="where the signature is (default: URL.sig)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cmd_verify)
 
     p = sub.add_parser("stats", parents=[common], help="per-sample teacher statistics (polars)")
     p.add_argument("url")
@@ -498,11 +609,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         set_threads(args.threads)
         handler: Handler = args.handler
-        return handler(args)
+        with timeout_scope(getattr(args, "timeout", None)), warnings.catch_warnings():
+            warnings.showwarning = _warning_lines  # library warnings as the contract's one line
+            try:  # every location made meanwhile, in workers too, uses the timeout
+                return handler(args)
+            except Exception as exc:
+                if is_timeout(exc):
+                    raise _no_answer(args) from exc
+                raise
     except SoftcacheError as exc:
         if debug:
             raise
-        print(f"softcache: error: {_one_line(str(exc))}", file=sys.stderr)
+        print(f"softcache: error: {_one_line(redact_text(str(exc)))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("softcache: error: interrupted", file=sys.stderr)
@@ -510,9 +628,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the contract is one line, no traceback
         if debug:
             raise
-        print(f"softcache: error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-              "(rerun with --debug for the traceback)", file=sys.stderr)
+        first = redact_text(str(exc).splitlines()[0]) if str(exc) else ""
+        print(f"softcache: error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def _no_answer(args: argparse.Namespace) -> SoftcacheError:
+    """A remote read that timed out after the cache was opened (a chunk, say): name the remote
+    location the command reads, without credentials."""
+    from .location import Location, default_timeout
+
+    for name in ("url", "cache", "teacher", "data", "eval_data", "reuse_inputs", "out"):
+        value = getattr(args, name, None)
+        if isinstance(value, str) and Location.of(value).remote:
+            return Location.of(value).no_answer()
+    return CacheError(f"a remote request got no answer within {default_timeout():g} s "
+                      "(raise it with --timeout SECONDS or $SOFTCACHE_TIMEOUT)")
 
 
 if __name__ == "__main__":

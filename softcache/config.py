@@ -20,10 +20,10 @@ class StudentConfig(BaseModel):
 
     spec: Spec = Field(description="architecture SPEC, e.g. 'softcache.models:mlp,hidden=32'")
     name: str | None = Field(default=None, description="leaderboard name; derived from the spec when absent")
-    temperature: float = Field(default=4.0, gt=0, description="distillation temperature T")
+    temperature: float = Field(default=4.0, gt=0, allow_inf_nan=False, description="distillation temperature T")
     alpha: float = Field(default=0.9, ge=0, le=1, description="weight of the soft term; 0 = hard labels only")
-    lr: float = Field(default=0.01, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
+    lr: float = Field(default=0.01, gt=0, allow_inf_nan=False)
+    weight_decay: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     seed: int = Field(default=0, description="seeds the student's initial weights")
 

@@ -66,7 +66,8 @@ def run_demo(workdir: str | Path, *, overwrite: bool = False, device: str | None
     teacher_path = save_model(teacher, out / "teacher.safetensors", TEACHER_SPEC)
     cache = build(str(teacher_path.resolve()), DATA_SPEC, str(out / "cache.zarr"), eval_data=EVAL_SPEC,
                   temperature=4.0, device=device, overwrite=overwrite, progress=progress)
-    board = train_students(cache, demo_students(seed), out_dir=out, config=TrainConfig(device=device), progress=progress)
+    board = train_students(cache, demo_students(seed), out_dir=out, config=TrainConfig(device=device), progress=progress,
+                           overwrite=overwrite)
     return board, cache, teacher_acc
 
 
@@ -109,7 +110,7 @@ def run_datafree_demo(workdir: str | Path, *, overwrite: bool = False, device: s
             ("noise", noise, noise.seconds))
     for name, result, seconds in runs:
         board = train_students(result.cache, datafree_students(seed), out_dir=out / "runs" / name,
-                               config=TrainConfig(device=device), progress=progress)
+                               config=TrainConfig(device=device), progress=progress, overwrite=overwrite)
         boards.append(board.with_columns(
             inputs=pl.lit(name), views=pl.lit(result.cache.manifest.views.count),
             samples=pl.lit(result.cache.train.rows),

@@ -44,9 +44,9 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 import zarr
 
-from . import store
+from . import buildlock, store
 from .errors import CacheError, SoftcacheError, UsageError
-from .manifest import MANIFEST_ATTR, Manifest, now_iso
+from .manifest import MANIFEST_ATTR, Integrity, Manifest, now_iso
 
 T = TypeVar("T")
 TargetState = Literal["created", "joined", "complete"]
@@ -149,11 +149,7 @@ def split_group(group: zarr.Group, split: str) -> zarr.Group:
 def with_flags(manifest: Manifest, arrays: SplitArrays) -> dict[str, dict[str, store.ArraySpec]]:
     """The split arrays plus each split's ``shard_done`` (one uint8 chunk per shard)."""
     rows = {"train": manifest.layout.rows, "eval": manifest.eval.rows if manifest.eval else 0}
-    out: dict[str, dict[str, store.ArraySpec]] = {}
-    for split, specs in arrays.items():
-        n = len(shard_ranges(rows[split], manifest.layout.shard_rows))
-        out[split] = {**specs, store.SHARD_DONE: store.ArraySpec((n,), "uint8", (1,))}
-    return out
+    return {split: {**specs, store.SHARD_DONE: store.flag_spec(manifest, rows[split])} for split, specs in arrays.items()}
 
 
 def _split_paths(arrays: SplitArrays) -> dict[str, dict[str, store.ArraySpec]]:
@@ -204,6 +200,7 @@ def open_target(url: str, manifest: Manifest, arrays: SplitArrays, *, overwrite:
             if found is None:
                 raise
             return open_target(url, manifest, arrays, overwrite=False, resume=resume, joining=joining)
+        _register(url, "build", exclusive=False)  # before the first file: an overwrite elsewhere sees us
         try:
             group = zarr.create_group(url, attributes={MANIFEST_ATTR: manifest.to_json()}, zarr_format=3,
                                       overwrite=False)
@@ -221,8 +218,16 @@ def open_target(url: str, manifest: Manifest, arrays: SplitArrays, *, overwrite:
         done, total = units_done(store.open_group(url, "r"), found)
         raise UsageError(f"{url}: a partial cache of this build is there ({done}/{total} shards done; still "
                          "running, or interrupted): pass --resume to finish it, or --overwrite to start over")
+    # shard workers join a running build on purpose; --resume takes over only a build nobody runs
+    _register(url, "join" if joining else "resume", exclusive=not joining)
     store.ensure_arrays(store.open_group(url, "r+"), specs)
     return "joined"
+
+
+def _register(url: str, role: str, exclusive: bool) -> None:
+    """Record this process as a builder of ``url`` (see ``buildlock``): an ``--overwrite`` or
+    ``--resume`` elsewhere is refused while it builds."""
+    buildlock.register(url, role=role, exclusive=exclusive, finished_since=lambda since: store.finished_since(url, since))
 
 
 def _wait_for_manifest(url: str, seconds: float = 10.0) -> Manifest | None:
@@ -264,51 +269,57 @@ def pending(group: zarr.Group, units: list[WorkUnit]) -> list[WorkUnit]:
     return [u for u in units if not flags[u.split][u.shard]]
 
 
-def check_arrays(group: zarr.Group, manifest: Manifest) -> list[str]:
-    """Problems that forbid marking the cache complete: unset flags, arrays of the wrong length,
-    rows never written (``sample_index`` keeps its fill value -1 there). Cheap: it reads the
-    flags and the sample index, not the soft labels (``softcache validate`` reads those)."""
-    problems: list[str] = []
-    rows = {"train": manifest.layout.rows, "eval": manifest.eval.rows if manifest.eval else 0}
-    for split in _splits(group, manifest):
-        g = split_group(group, split)
-        flags, expected = _flags(group, manifest, split)
-        if len(flags) != expected:
-            problems.append(f"{split}: {len(flags)} shard flags, the layout has {expected} shards")
-        elif not flags.all():
-            problems.append(f"{split} shards not done: {np.flatnonzero(~flags).tolist()[:20]}")
+def check_arrays(group: zarr.Group, manifest: Manifest) -> store.CacheCheck:
+    """What forbids marking the cache complete: an unset flag, any array the manifest implies
+    missing or not as it implies (``store.check_cache``, the checker ``validate`` uses too), a
+    chunk not stored, or rows never written (``sample_index`` -1). Reads the flags, one listing
+    per array and the sample index; ``group`` must be opened read-only, so a missing chunk is an
+    error rather than a fill value."""
+    check = store.check_cache(group, manifest, listing=True, flags=True)
+    for prefix, rows in (("", manifest.layout.rows), (f"{store.EVAL}/", manifest.eval.rows if manifest.eval else 0)):
+        found = check.arrays.get(prefix + store.INDEX)
+        if found is None or not rows:
             continue
-        for path, node in g.members(max_depth=None):
-            if split == "train" and path.split("/")[0] == store.EVAL:
-                continue
-            if isinstance(node, zarr.Array) and path != store.SHARD_DONE and node.shape[0] != rows[split]:
-                problems.append(f"{split}: array {path!r} has {node.shape[0]} rows, the manifest says {rows[split]}")
-        if store.INDEX in g and rows[split] and int(np.asarray(g[store.INDEX][:]).min()) < 0:
-            problems.append(f"{split}: rows never written (sample_index holds -1)")
-    return problems
+        try:
+            if int(np.asarray(found[0][:]).min()) < 0:
+                check.errors.append(f"{prefix or 'train '}rows never written (sample_index holds -1)")
+        except CacheError as exc:
+            check.errors.append(str(exc))
+    return check
 
 
 def finalize(url: str) -> Manifest:
-    """Check the store, consolidate its metadata and mark it complete (idempotent).
+    """Check the store, record its content digest, consolidate its metadata and mark it complete.
 
-    Consolidation comes first, so a complete cache always opens with one metadata read; a
-    worker killed in between leaves a building cache that the next finalize completes.
+    The check covers every array the manifest implies (a cache missing one is never marked
+    complete). The digest reads every chunk once (verifying its size and checksum) and is
+    recorded in the manifest's ``integrity``; it covers the stored bytes, not the metadata, so it
+    stays out of the cache key. Consolidation comes before the manifest update, so a complete
+    cache always opens with one metadata read; a worker killed in between leaves a building cache
+    that the next finalize completes. Idempotent: finalizing twice records the same digest.
     """
     if store.is_readonly(url):
         raise UsageError(f"{url}: http(s) URLs are read-only; finalize the cache where it is written")
-    group = store.open_group(url, "r+")
+    group = store.open_group(url, "r", consolidated=False)
     manifest = store.read_manifest(group, url)
-    problems = check_arrays(group, manifest)
-    if problems:
-        raise CacheError(f"{url}: cannot finalize: " + "; ".join(problems))
+    check = check_arrays(group, manifest)
+    if check.errors:
+        raise CacheError(f"{url}: cannot finalize: " + "; ".join(check.errors))
     store.remove_partial_files(url)
+    digest, chunks = store.content_digest(group, check)
+    integrity = Integrity(chunk_checksum=None if check.unverified else "crc32c", content_digest=digest, chunks=chunks)
     store.consolidate(url)
     group = store.open_group(url, "r+")
     manifest = store.read_manifest(group, url)
-    if manifest.status.state != "complete":
-        manifest.status.state = "complete"
-        manifest.status.finished_at = now_iso()
+    completing = manifest.status.state != "complete"
+    if completing or manifest.integrity != integrity:
+        manifest.integrity = integrity
+        if completing:
+            manifest.status.state = "complete"
+            manifest.status.finished_at = now_iso()
         store.write_manifest(group, manifest)
+    if completing:
+        buildlock.release_all(url)  # complete: nobody builds it any more
     return manifest
 
 

@@ -18,6 +18,16 @@ its parameters are views of its row of the buffer, so it always holds its curren
 A group falls back to stepping its students one by one when the architecture cannot be stacked:
 modules with buffers (BatchNorm running statistics), random layers such as dropout (vmap refuses
 them) or optimizers other than plain Adam.
+
+A student's result does not depend on which students share its pass: a stackable student with
+no partner still trains as a group of one, through the same code as in a group of twelve, and
+every operation computes student k's values from student k's data only (its matmul columns, its
+group of a grouped convolution, per-student reductions, element-wise Adam; see
+:func:`stacked_loss` for NaN). On CPU, passes with 2 or 12 students of an architecture give each
+bitwise the same result, and so does a group of one without convolutions; a lone convolutional
+student differs by round-off, because oneDNN computes a ``groups=1`` convolution's backward with
+another kernel (another summation order) than a grouped one. ``tests/test_isolation.py`` states
+the tolerances measured.
 """
 
 from __future__ import annotations
@@ -169,6 +179,8 @@ class LossSettings:
     alpha: torch.Tensor
     soft_weight: torch.Tensor  # alpha T^2, the soft term's weight in the loss
     eps: torch.Tensor
+    soft_on: torch.Tensor  # alpha > 0: the student learns from the teacher
+    hard_on: torch.Tensor  # alpha < 1: the student learns from the labels
 
     @staticmethod
     def make(temperatures: Sequence[float], alphas: Sequence[float], label_smoothing: Sequence[float],
@@ -180,6 +192,7 @@ class LossSettings:
             tuple(temperatures), tuple(alphas), tuple(label_smoothing), cache_temperature,
             temp=col(temperatures), scale=col([cache_temperature / t for t in temperatures]), alpha=col(alphas),
             soft_weight=col([a * t * t for a, t in zip(alphas, temperatures)]), eps=col(label_smoothing),
+            soft_on=col(alphas) > 0, hard_on=col(alphas) < 1,
         )
 
 
@@ -193,6 +206,10 @@ def stacked_loss(logits: torch.Tensor, soft: torch.Tensor | None, labels: torch.
     ``eps`` over the ``n`` rows with a known label, has ``(softmax(z) - q) / n`` with
     ``q = (1 - eps) onehot(y) + eps / C``. As in the single-student loss, a term whose weight is
     zero contributes nothing and the hard term is dropped when no label in the batch is known.
+
+    Students are isolated: a term is selected per student (``torch.where``), never multiplied by
+    a zero weight, so a NaN in one student's term (0 * NaN is NaN) cannot reach another student's
+    loss or gradient, and each student's row is computed as it would be in a group of one.
     """
     k, b, c = logits.shape
     loss = logits.new_zeros(k)
@@ -204,8 +221,9 @@ def stacked_loss(logits: torch.Tensor, soft: torch.Tensor | None, labels: torch.
         p_teacher = log_teacher.exp()
         log_student = _log_softmax(logits / settings.temp)
         kl = (p_teacher * (log_teacher - log_student)).sum((1, 2)) / b
-        loss = loss + settings.soft_weight.view(k) * kl
-        grad = grad + (settings.alpha * settings.temp / b) * (log_student.exp() - p_teacher)
+        loss = loss + torch.where(settings.soft_on.view(k), settings.soft_weight.view(k) * kl, 0.0)
+        grad = grad + torch.where(settings.soft_on, (settings.alpha * settings.temp / b) * (log_student.exp() - p_teacher),
+                                  0.0)
     known = labels >= 0
     n_known = int(known.sum())
     if any(a < 1 for a in settings.alphas) and n_known:
@@ -214,8 +232,8 @@ def stacked_loss(logits: torch.Tensor, soft: torch.Tensor | None, labels: torch.
         onehot = torch.nn.functional.one_hot(labels.clamp(min=0), c).to(logits.dtype).unsqueeze(0)
         target = ((1 - settings.eps) * onehot + settings.eps / c) * mask
         ce = -(target * log_p).sum((1, 2)) / n_known
-        loss = loss + (1 - settings.alpha.view(k)) * ce
-        grad = grad + ((1 - settings.alpha) / n_known) * (log_p.exp() * mask - target)
+        loss = loss + torch.where(settings.hard_on.view(k), (1 - settings.alpha.view(k)) * ce, 0.0)
+        grad = grad + torch.where(settings.hard_on, ((1 - settings.alpha) / n_known) * (log_p.exp() * mask - target), 0.0)
     return loss, grad
 
 
@@ -387,8 +405,9 @@ def stackable(run: StudentRun) -> bool:
 
 
 def plan_groups(runs: Sequence[StudentRun]) -> list[StudentRun | StudentGroup]:
-    """Students sharing a SPEC (and device, Adam betas and eps) become one group; the rest, and
-    architectures with a single student, step alone. Order follows the first member of each."""
+    """Students sharing a SPEC (and device, Adam betas and eps) become one group, a lone one a
+    group of one (so its arithmetic is the same as in any larger group); students that cannot be
+    stacked step alone. Order follows the first member of each."""
     buckets: dict[tuple[object, ...], list[StudentRun]] = {}
     order: list[tuple[object, ...] | StudentRun] = []
     for run in runs:
@@ -406,7 +425,7 @@ def plan_groups(runs: Sequence[StudentRun]) -> list[StudentRun | StudentGroup]:
     for item in order:
         if isinstance(item, tuple):
             members = buckets[item]
-            steppers.append(StudentGroup(members) if len(members) > 1 else members[0])
+            steppers.append(StudentGroup(members))
         else:
             steppers.append(item)
     return steppers

@@ -8,8 +8,8 @@ also chooses between the two modes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,6 +26,37 @@ class Batch:
     inputs: torch.Tensor
     soft: torch.Tensor | None
     labels: torch.Tensor
+
+
+SCAN_ROWS = 65_536
+"""Rows checked at once when scanning soft labels held in RAM: bounds the scan's scratch memory
+(one flag per value) without slowing it."""
+
+
+@dataclass
+class NonFinite:
+    """Rows whose soft labels hold a NaN or an infinity: how many, and the first few."""
+
+    count: int = 0
+    first: list[int] = field(default_factory=list)
+
+
+def nonfinite_rows(blocks: Iterable[tuple[int, np.ndarray | torch.Tensor]], keep: int = 5) -> NonFinite:
+    """Scan ``(first_row, values)`` blocks of soft labels, a row being bad when any of its values
+    (any view, any class) is not finite: such a row turns a student's loss into NaN, so a cache
+    holding one must be refused before any student trains on it."""
+    found = NonFinite()
+    for start, values in blocks:
+        block = torch.as_tensor(values)
+        # quick test first: NaN and infinities propagate through a sum, which costs a fraction of
+        # an element-wise test; a sum that merely overflows falls through to the exact test
+        if bool(block.sum(dtype=torch.float32 if block.dtype == torch.float16 else None).isfinite()):
+            continue
+        bad = (~block.reshape(len(block), -1).isfinite().all(1)).nonzero().flatten()
+        found.count += len(bad)
+        if len(found.first) < keep:
+            found.first.extend((bad[: keep - len(found.first)] + start).tolist())
+    return found
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -57,6 +88,12 @@ class MemoryLoader:
 
     def __len__(self) -> int:
         return -(-len(self.inputs) // self.batch_size)
+
+    def soft_blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """The soft labels in ``(first_row, values)`` blocks, for :func:`nonfinite_rows`."""
+        if self.soft is not None:
+            for start in range(0, len(self.soft), SCAN_ROWS):
+                yield start, self.soft[start : start + SCAN_ROWS]
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         n = len(self.inputs)

@@ -31,7 +31,9 @@ def distillation_loss(
 
     ``teacher_scaled`` is teacher logits already divided by ``temperature``. The T^2 factor keeps
     the soft term's gradient scale independent of T. Labels of -1 (unknown) are ignored by the
-    hard term; with no known label at all the hard term is dropped.
+    hard term; with no known label at all the hard term is dropped. A term whose weight is zero
+    is never computed (not multiplied by 0: 0 * NaN is NaN), so a hard-label student (alpha 0)
+    never reads the soft labels at all.
     """
     total = student_logits.new_zeros(())
     if alpha > 0:

@@ -148,19 +148,38 @@ class BuildStatus(_Model):
     softcache_version: str
 
 
+class Integrity(_Model):
+    """What a reader checks the stored bytes against, recorded when the cache is finalized.
+
+    Every chunk carries its own crc32c (verified on every read); the content digest covers every
+    chunk's stored bytes, so ``softcache validate --deep`` detects any changed, added or removed
+    byte. Caches written before this section existed have none and cannot be verified."""
+
+    chunk_checksum: Literal["crc32c"] | None = Field(
+        default="crc32c", description="checksum codec every array's chunks end with; null when some lack one")
+    digest_method: Literal["sha256-chunk-list"] = Field(
+        default="sha256-chunk-list",
+        description="sha256 over the lines '<chunk key> <sha256 of the chunk's stored bytes>\\n', arrays sorted by "
+                    "path, chunks in row-major order of their coordinates")
+    content_digest: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex digest, see digest_method")
+    chunks: int = Field(ge=0, description="number of chunks the digest covers")
+
+
 class Manifest(_Model):
     schema_version: int = Field(default=SCHEMA_VERSION)
     format: Literal["softcache"] = "softcache"
     teacher: TeacherInfo
     source: Source
     classes: ClassInfo
-    temperature: float = Field(gt=0, description="stored values are teacher logits divided by this")
+    temperature: float = Field(gt=0, allow_inf_nan=False, description="stored values are teacher logits divided by this")
     storage: StorageInfo = Field(default_factory=StorageInfo)
     views: ViewInfo = Field(default_factory=ViewInfo)
     layout: Layout
     eval: EvalSplit | None = None
     status: BuildStatus
     cache_key: str = Field(description="sha256 of everything that determines the cache contents")
+    integrity: Integrity | None = Field(
+        default=None, description="chunk checksums and content digest, set by finalize; absent in caches written by softcache 0.1")
 
     @field_validator("schema_version")
     @classmethod

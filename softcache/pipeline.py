@@ -81,13 +81,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from .config import StudentConfig, SynthConfig, TrainConfig
 from .errors import UsageError, first_validation_error
 from .manifest import Spec, now_iso
+
+if TYPE_CHECKING:
+    from .specs import Trust
 
 
 def _to_spec(value: object) -> object:
@@ -378,7 +381,8 @@ def _teacher_stage(cfg: PipelineConfig, sharded: bool) -> StageResult:
     return StageResult("teacher", "ran", time.perf_counter() - start, detail)
 
 
-def _build_stage(cfg: PipelineConfig, shard: str | None, progress: bool) -> tuple[StageResult, bool]:
+def _build_stage(cfg: PipelineConfig, shard: str | None, progress: bool,
+                 trust: Trust | None = None) -> tuple[StageResult, bool]:
     """Build, resume or skip the cache; returns the result and whether the cache is complete."""
     from .build import build
     from .distributed import TargetMismatch
@@ -391,6 +395,7 @@ def _build_stage(cfg: PipelineConfig, shard: str | None, progress: bool) -> tupl
         eval_data=cfg.data.eval, temperature=c.temperature, storage=c.storage, dtype=c.dtype,
         batch_size=c.batch_size, chunk_rows=c.chunk_rows, shard_chunks=c.shard_chunks, store_inputs=c.store_inputs,
         device=c.device, progress=progress, views=c.views, augment=c.augment, view_seed=c.view_seed, shard=shard,
+        trust=trust,
     )
     start = time.perf_counter()
     teacher = _teacher_spec(cfg)
@@ -448,7 +453,7 @@ def stage_key(cache_key: str, stage: TrainStage, students: Sequence[StudentConfi
 STAGE_FILE = "stage.json"
 
 
-def _train_stage(cfg: PipelineConfig, stage: TrainStage, progress: bool) -> StageResult:
+def _train_stage(cfg: PipelineConfig, stage: TrainStage, progress: bool, trust: Trust | None = None) -> StageResult:
     import polars as pl
 
     from .store import open_cache
@@ -470,11 +475,14 @@ def _train_stage(cfg: PipelineConfig, stage: TrainStage, progress: bool) -> Stag
     own = cfg.data
     data = str(own.train) if own is not None and not cache.train.has_inputs else None
     eval_data = stage.eval_data or (own.eval if own is not None and cache.eval is not None else None)
-    recorded_augment = cache.manifest.views.augment
-    trust = recorded_augment is not None and cfg.cache.augment is not None and \
-        str(recorded_augment) == str(Spec.parse(cfg.cache.augment) if isinstance(cfg.cache.augment, str) else cfg.cache.augment)
+    from .specs import Trust
+
+    # the augmentation this file names is the user's own choice; any other recorded one is checked
+    policy = (trust or Trust.from_user()).with_specs([cfg.cache.augment] if cfg.cache.augment is not None else [])
+    # the stage's folder is the stage's own (the pipeline file names it): a rerun replaces what
+    # an earlier run left there, and train swaps the new results in only once they are complete
     board = train(cache, students, data=data, eval_data=eval_data, out_dir=out, config=stage.train_config(),
-                  progress=progress, trust_cache_specs=trust)
+                  progress=progress, trust=policy, overwrite=True)
     record = {"stage": name, "key": key, "cache_key": cache.manifest.cache_key, "students": len(students),
               "finished_at": now_iso()}
     partial = out / f"{STAGE_FILE}.{os.getpid()}.partial"
@@ -500,8 +508,11 @@ def select_stages(cfg: PipelineConfig, only: str | Sequence[str] | None) -> list
 
 
 def run_pipeline(cfg: PipelineConfig, *, only: str | Sequence[str] | None = None, shard: str | None = None,
-                 progress: bool = True) -> list[StageResult]:
-    """Run the selected stages in order, skipping those whose output is already there."""
+                 progress: bool = True, trust: Trust | None = None) -> list[StageResult]:
+    """Run the selected stages in order, skipping those whose output is already there.
+
+    ``trust`` (default ``Trust.from_user()``) says which modules of the user's a weights file's
+    architecture or a cache's SPECs may name; the file's own augmentation is trusted as named."""
     from .distributed import resolve_shard
 
     chosen = set(select_stages(cfg, only))
@@ -515,7 +526,7 @@ def run_pipeline(cfg: PipelineConfig, *, only: str | Sequence[str] | None = None
         if name == "teacher":
             results.append(_teacher_stage(cfg, sharded))
         elif name == "build":
-            result, complete = _build_stage(cfg, shard, progress)
+            result, complete = _build_stage(cfg, shard, progress, trust)
             results.append(result)
         elif sharded:
             results.append(StageResult(name, "excluded", detail={
@@ -524,7 +535,7 @@ def run_pipeline(cfg: PipelineConfig, *, only: str | Sequence[str] | None = None
             results.append(StageResult(name, "waiting", detail={"reason": "the cache is not complete yet"}))
         else:
             stage = next(t for t in cfg.train if f"train:{t.name}" == name)
-            results.append(_train_stage(cfg, stage, progress))
+            results.append(_train_stage(cfg, stage, progress, trust))
     return results
 
 

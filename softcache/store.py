@@ -20,19 +20,28 @@ read whatever the number of arrays, which matters on object stores and HTTP.
 
 Every array shares the row chunking R, and the build writes whole chunks only (zarr rewrites a
 chunk on a partial write). No compression: float logits barely compress and decoding costs
-more than the bytes saved.
+more than the bytes saved. Every chunk ends with a crc32c checksum (Zarr v3's ``crc32c`` codec),
+verified on every read, and ``finalize`` records a digest of all chunks in the manifest.
+
+Every read goes through ``guard.GuardedStore`` (see there: bounded reads, the encodings a reader
+accepts, missing chunks are errors), and before any array is read :func:`check_cache` compares
+each array's metadata with what the manifest implies: the one checker that ``open_cache``,
+``validate`` and ``finalize`` share.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
 import numpy as np
 import zarr
 
+from . import buildlock, guard
 from .errors import CacheError, UsageError
+from .location import Location, redact_text
 from .manifest import MANIFEST_ATTR, Manifest
 
 SOFT = "soft_labels"
@@ -78,13 +87,40 @@ def split_arrays(manifest: Manifest, rows: int, *, store_inputs: bool, with_labe
     return specs
 
 
+def flag_spec(manifest: Manifest, rows: int) -> ArraySpec:
+    """A split's ``shard_done``: one uint8 per shard of ``layout.shard_rows`` rows, each its own
+    chunk, so workers never write the same chunk."""
+    return ArraySpec((-(-rows // manifest.layout.shard_rows),), "uint8", (1,))
+
+
 def _fs_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs, path
+    where = Location.of(url)  # its storage options carry the request timeout
+    return where.fs, where.path
 
 
 def is_readonly(url: str) -> bool:
     return url.startswith(("http://", "https://"))
+
+
+def guarded_store(url: str, mode: str = "r") -> guard.GuardedStore:
+    """The store at ``url`` as zarr would open it (a local directory, or fsspec for URLs), inside
+    the guard every read goes through. Read-only stores (``mode="r"``) refuse missing chunks."""
+    read_only = mode == "r"
+    inner: zarr.abc.store.Store
+    where = Location.of(url)  # file:// opens as the directory it names; remote stores get the timeout
+    if where.remote:
+        inner = zarr.storage.FsspecStore.from_url(where.url, storage_options=where.storage_options, read_only=read_only)
+    else:
+        inner = zarr.storage.LocalStore(where.zarr_url, read_only=read_only)
+    fs, path = _fs_path(url)
+    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    return guard.GuardedStore(inner, name=str(where), local_root=path if local else None, strict=read_only,
+                              missing_ok=_absent_flag)
+
+
+def _absent_flag(path: str, first_row: int) -> bool:
+    """A shard flag that was never written means "not done": the one chunk that may be absent."""
+    return path.rsplit("/", 1)[-1] == SHARD_DONE
 
 
 def open_group(url: str, mode: str = "r", *, consolidated: bool | None = None) -> zarr.Group:
@@ -93,18 +129,22 @@ def open_group(url: str, mode: str = "r", *, consolidated: bool | None = None) -
     Only ``zarr.json`` is read (no probing for Zarr v2 files), and whether the path exists is
     asked only after a failure, so opening a remote cache is one or two requests. The arrays'
     metadata comes from the consolidated copy when there is one, unless ``consolidated=False``
-    (checkers read each array's own ``zarr.json``).
+    (checkers read each array's own ``zarr.json``). Every read goes through :func:`guarded_store`.
     """
+    where = Location.of(url)  # messages name it without credentials; a timeout is one line
     try:
-        return zarr.open_group(url, mode=mode, zarr_format=3, use_consolidated=consolidated)  # type: ignore[arg-type]
+        with where.errors():
+            return zarr.open_group(guarded_store(url, mode), mode=mode, zarr_format=3,  # type: ignore[arg-type]
+                                   use_consolidated=consolidated)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
         if not is_readonly(url):
             fs, path = _fs_path(url)
-            if not fs.exists(path):
-                raise CacheError(f"{url}: no such cache (path does not exist)") from None
-        raise CacheError(f"{url}: not a Zarr v3 group (no zarr.json): not a softcache cache") from None
+            with where.errors():
+                if not fs.exists(path):
+                    raise CacheError(f"{where}: no such cache (path does not exist)") from None
+        raise CacheError(f"{where}: not a Zarr v3 group (no zarr.json): not a softcache cache") from None
     except (ValueError, zarr.errors.NodeTypeValidationError) as exc:
-        raise CacheError(f"{url}: not a readable Zarr v3 group ({exc})") from None
+        raise CacheError(f"{where}: not a readable Zarr v3 group ({redact_text(str(exc))})") from None
 
 
 def read_manifest(group: zarr.Group, url: str) -> Manifest:
@@ -137,7 +177,16 @@ def prepare_target(url: str, *, overwrite: bool) -> None:
                          "write the cache elsewhere or remove it yourself")
     if not overwrite:
         raise UsageError(f"{url}: a cache already exists there; pass --overwrite to replace it")
+    # never delete a cache another process is building; registered first, so none starts meanwhile
+    buildlock.register(url, role="overwrite", exclusive=True, finished_since=lambda since: finished_since(url, since))
     fs.rm(path, recursive=True)
+
+
+def finished_since(url: str, since: str) -> bool:
+    """True when the cache at ``url`` was completed at or after ``since`` (ISO time): the build
+    registered then is over. An older complete cache (about to be replaced) does not count."""
+    found = peek_manifest(url)
+    return found is not None and found.status.state == "complete" and (found.status.finished_at or "") >= since
 
 
 def _holds_manifest(fs: fsspec.AbstractFileSystem, path: str) -> bool:
@@ -177,7 +226,9 @@ def ensure_arrays(group: zarr.Group, specs: dict[str, ArraySpec]) -> None:
         for d in dirs:
             parent = require_group(parent, d)
         try:
-            parent.create_array(leaf, shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype, compressors=None,
+            parent.create_array(leaf, shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype,
+                                serializer=zarr.codecs.BytesCodec(endian="little"),
+                                compressors=[zarr.codecs.Crc32cCodec()],  # a checksum, no compression
                                 fill_value=-1 if spec.dtype.startswith("int") else 0, overwrite=False)
             continue
         except (zarr.errors.ContainsArrayError, zarr.errors.ContainsGroupError):  # another worker made it
@@ -203,11 +254,9 @@ def consolidate(url: str) -> None:
     zarr-python writes consolidated metadata as an extension to Zarr v3 that other readers
     ignore (they read each array's own ``zarr.json``), so it warns; the warning is expected here.
     """
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)
-        zarr.consolidate_metadata(url, zarr_format=3)  # type: ignore[arg-type]
+        zarr.consolidate_metadata(guarded_store(url, "r+"), zarr_format=3)
 
 
 def stale_consolidated(url: str) -> list[str]:
@@ -221,11 +270,16 @@ def stale_consolidated(url: str) -> list[str]:
         return []
     recorded = recorded_root.flattened_metadata
     problems = []
-    for path, node in open_group(url, "r", consolidated=False).members(max_depth=None):
-        if path not in recorded:
-            problems.append(f"{path!r} is missing from the consolidated metadata")
-        elif isinstance(node, zarr.Array) and node.metadata.to_dict() != recorded[path].to_dict():
-            problems.append(f"the consolidated metadata of {path!r} differs from its zarr.json")
+    try:
+        for path, node in open_group(url, "r", consolidated=False).members(max_depth=None):
+            if path not in recorded:
+                problems.append(f"{path!r} is missing from the consolidated metadata")
+            elif isinstance(node, zarr.Array) and node.metadata.to_dict() != recorded[path].to_dict():
+                problems.append(f"the consolidated metadata of {path!r} differs from its zarr.json")
+    except CacheError as exc:
+        problems.append(str(exc))
+    except Exception as exc:  # noqa: BLE001 - metadata zarr cannot parse, from a store we do not trust
+        problems.append(f"the store holds metadata that cannot be read ({type(exc).__name__}: {str(exc)[:200]})")
     return problems
 
 
@@ -252,7 +306,9 @@ def write_rows(group: zarr.Group, start: int, block: dict[str, np.ndarray],
     for name, values in block.items():
         array = handles.get(name) if handles is not None else None
         if array is None:
-            array = group[name]
+            # every chunk is stored even when it equals the fill value (all labels unknown, say):
+            # readers treat an absent chunk as an error, never as fill values
+            array = group[name].with_config({"write_empty_chunks": True})  # type: ignore[union-attr]
             if handles is not None:
                 handles[name] = array  # type: ignore[assignment]
         array[start : start + len(values)] = values
@@ -263,7 +319,193 @@ def mark_shard_done(group: zarr.Group, shard: int) -> None:
 
 
 def shards_done(group: zarr.Group) -> np.ndarray:
-    return np.asarray(group[SHARD_DONE][:], dtype=bool)
+    """A split's flags; a flag never written (its chunk absent) reads as not done."""
+    return read_flags(group[SHARD_DONE])  # type: ignore[arg-type]
+
+
+def read_flags(node: zarr.Array) -> np.ndarray:
+    """Shard flags as booleans. Where the store can be listed, only the flags that are stored
+    are read (one listing, then those chunks): a store declaring millions of shards it does not
+    hold costs one request, not millions."""
+    store = node.store
+    if not isinstance(store, guard.GuardedStore) or is_readonly(store.name):
+        return np.asarray(node[:], dtype=bool)
+    try:
+        fmt = guard.array_format(node.metadata.to_dict())
+    except ValueError as exc:
+        raise CacheError(f"{store.name}: array {node.path!r}: {exc}") from None
+    present = np.flatnonzero(guard.present_chunks(store, node.path, fmt))
+    done = np.zeros(fmt.shape[0], dtype=bool)
+    if len(present):
+        done[present] = np.asarray(node.get_coordinate_selection(present), dtype=bool)
+    return done
+
+
+# -- the one checker: array metadata against the manifest and the format ---------------------------
+
+
+class UnverifiedCacheWarning(UserWarning):
+    """The cache was written without chunk checksums (softcache 0.1): it opens and trains, but
+    changed or damaged bytes cannot be detected."""
+
+
+def unverified_message(url: str, paths: list[str]) -> str:
+    return (f"{url}: {len(paths)} array(s) carry no chunk checksums (written by softcache 0.1?), e.g. {paths[0]!r}: "
+            "changed or damaged bytes cannot be detected; rebuild the cache to make it verifiable")
+
+
+@dataclass
+class CacheCheck:
+    """What :func:`check_cache` found: one line per problem, the arrays fit to read (path from
+    the root -> the array and its checked format) and the paths whose chunks carry no checksum."""
+
+    errors: list[str] = field(default_factory=list)
+    arrays: dict[str, tuple[zarr.Array, guard.ArrayFormat]] = field(default_factory=dict)
+    unverified: list[str] = field(default_factory=list)
+
+    def formats(self) -> dict[str, guard.ArrayFormat]:
+        return {path: fmt for path, (_, fmt) in self.arrays.items()}
+
+
+def _member(group: zarr.Group, path: str) -> tuple[Any, str | None]:
+    """``(node, None)``, ``(None, None)`` when absent, or ``(None, why)`` when its metadata is refused."""
+    try:
+        return group[path], None
+    except KeyError:
+        return None, None
+    except CacheError as exc:
+        return None, str(exc)
+    except Exception as exc:  # noqa: BLE001 - metadata zarr cannot parse, from a store we do not trust
+        return None, f"unreadable metadata ({type(exc).__name__}: {str(exc)[:200]})"
+
+
+def _expected(group: zarr.Group, manifest: Manifest, check: CacheCheck) -> tuple[dict[str, ArraySpec], dict[str, str]]:
+    """Every array the manifest implies, by path from the root, and each split's flags path by label."""
+    expected: dict[str, ArraySpec] = {}
+    flags: dict[str, str] = {}
+    splits = [("", manifest.layout.rows)] + ([(f"{EVAL}/", manifest.eval.rows)] if manifest.eval is not None else [])
+    for prefix, rows in splits:
+        if prefix:
+            node, problem = _member(group, EVAL)
+            if not isinstance(node, zarr.Group):
+                check.errors.append(problem or f"the manifest records an eval split but group {EVAL!r} is missing")
+                continue
+
+        def has(name: str) -> bool:
+            return _member(group, prefix + name) != (None, None)
+
+        specs = split_arrays(manifest, rows, store_inputs=has(INPUTS), with_labels=has(LABELS), eval_split=bool(prefix))
+        if not prefix or has(SHARD_DONE):  # caches may or may not carry flags for their eval split
+            specs[SHARD_DONE] = flag_spec(manifest, rows)
+            flags[prefix or "train "] = prefix + SHARD_DONE
+        expected.update({prefix + name: spec for name, spec in specs.items()})
+    return expected, flags
+
+
+def _array_problems(path: str, meta: dict[str, Any], spec: ArraySpec, checksums_recorded: bool
+                    ) -> tuple[list[str], guard.ArrayFormat | None]:
+    """Why an array cannot be read (its encoding first: that is what protects the reader) and
+    how it differs from what the manifest implies; the format when there is nothing to say."""
+    problems = []
+    try:
+        fmt: guard.ArrayFormat | None = guard.array_format(meta)
+    except ValueError as exc:
+        fmt = None
+        problems.append(f"array {path!r}: {exc}")
+    shape, dtype = tuple(meta.get("shape") or ()), meta.get("data_type")
+    if shape != spec.shape:
+        problems.append(f"array {path!r} has shape {shape}, the manifest implies {spec.shape}")
+    if dtype != spec.dtype and dtype in guard.FORMAT_DTYPES:  # any other dtype was refused above
+        problems.append(f"array {path!r} has dtype {dtype}, expected {spec.dtype}")
+    if fmt is not None and fmt.chunks != spec.chunks:
+        problems.append(f"array {path!r} has chunks {fmt.chunks}, the manifest implies {spec.chunks}")
+    if fmt is not None and checksums_recorded and not fmt.checksummed:
+        problems.append(f"array {path!r} has no crc32c checksums, although the manifest says every chunk has one")
+    return problems, None if problems else fmt
+
+
+def check_cache(group: zarr.Group, manifest: Manifest, *, listing: bool = False, flags: bool = False) -> CacheCheck:
+    """Check every array the manifest implies before any of them is read; reads metadata only,
+    plus the shard flags with ``flags`` and one listing per array with ``listing``.
+
+    Each array must exist with the manifest's shape (rows included), dtype and chunking and the
+    format's encoding (``guard.array_format``); no other array may be present. With
+    ``listing`` (stores that can be listed), every chunk of the grid must be stored: that finds
+    missing chunks, or a declared size no store holds, in one request per thousand chunks.
+    Arrays of a split whose shards are not all done are not counted (their rows are unwritten)."""
+    check = CacheCheck()
+    expected, flag_paths = _expected(group, manifest, check)
+    recorded = manifest.integrity is not None and manifest.integrity.chunk_checksum == "crc32c"
+    for path, spec in expected.items():
+        node, problem = _member(group, path)
+        if problem is not None or not isinstance(node, zarr.Array):
+            what = f": {problem}" if problem else f" is {'missing' if node is None else 'a group, not an array'}"
+            check.errors.append(f"array {path!r}{what}")
+            continue
+        problems, fmt = _array_problems(path, node.metadata.to_dict(), spec, recorded)
+        check.errors.extend(problems)
+        if fmt is not None:
+            check.arrays[path] = (node, fmt)
+            if not fmt.checksummed:
+                check.unverified.append(path)
+    store = group.store
+    listing = listing and isinstance(store, guard.GuardedStore) and not is_readonly(store.name)  # http cannot list
+    if listing or group.metadata.consolidated_metadata is not None:
+        node_paths, problem = _array_paths(group)
+        check.errors.extend([problem] if problem else [])
+        check.errors.extend(f"array {p!r} is not part of the format" for p in sorted(set(node_paths) - set(expected)))
+    unwritten: set[str] = set()
+    for label, path in flag_paths.items() if flags else ():
+        if path in check.arrays:
+            try:
+                done = read_flags(check.arrays[path][0])
+            except CacheError as exc:
+                check.errors.append(str(exc))
+                continue
+            if not done.all():
+                undone = np.flatnonzero(~done)
+                more = f" ({len(undone)} of {len(done)} shards)" if len(undone) > 20 else ""
+                check.errors.append(f"{label}shards not done: {undone[:20].tolist()}{more}")
+                unwritten.add(path.removesuffix(SHARD_DONE))
+    for path in [p for p in check.arrays if p.rsplit("/", 1)[-1] != SHARD_DONE]:
+        if split_prefix(path) in unwritten:
+            del check.arrays[path]  # rows of unfinished shards are not written: nothing to count or read
+        elif listing:
+            fmt = check.arrays[path][1]
+            strays: list[str] = []
+            present = guard.present_chunks(store, path, fmt, strays).reshape(-1)  # type: ignore[arg-type]
+            if strays:  # not read by anyone, but not what was finalized either: the store was edited
+                check.errors.append(f"array {path!r}: {len(strays)} stored object(s) outside its chunk grid "
+                                    f"(first: {strays[0]})")
+            if not present.all():
+                grid = np.unravel_index(np.flatnonzero(~present)[:3], fmt.grid)
+                first = [guard.chunk_key(path, coords) for coords in zip(*grid)]
+                check.errors.append(f"array {path!r}: {int((~present).sum())} of {fmt.nchunks} chunks are missing "
+                                    f"(first: {', '.join(first)})")
+                del check.arrays[path]
+    return check
+
+
+def split_prefix(path: str) -> str:
+    """``"eval/"`` for an array of the eval split, ``""`` for one of the training rows."""
+    return f"{EVAL}/" if path.startswith(f"{EVAL}/") else ""
+
+
+def content_digest(group: zarr.Group, check: CacheCheck) -> tuple[str, int]:
+    """``(sha256 hex, chunks)`` over every chunk of the checked arrays (see ``guard.content_digest``)."""
+    store = group.store
+    if not isinstance(store, guard.GuardedStore):
+        raise TypeError("content_digest needs a group opened with store.open_group")
+    return guard.content_digest(store, check.formats())
+
+
+def _array_paths(group: zarr.Group) -> tuple[list[str], str | None]:
+    try:
+        return [p for p, node in group.members(max_depth=None) if isinstance(node, zarr.Array)], None
+    except CacheError as exc:
+        return [], str(exc)
+    except Exception as exc:  # noqa: BLE001 - metadata zarr cannot parse, from a store we do not trust
+        return [], f"the store holds metadata that cannot be read ({type(exc).__name__}: {str(exc)[:200]})"
 
 
 class Split:
@@ -287,39 +529,51 @@ class Split:
     def array(self, name: str) -> zarr.Array:
         return self.group[name]  # type: ignore[return-value]
 
+    def read(self, name: str, rows: slice | None = None) -> np.ndarray:
+        """Rows of one array (contiguous: random rows would decode most chunks).
+
+        The result is allocated at the declared size and filled chunk by chunk, so only the bytes
+        that are really stored are ever touched: a missing chunk stops the read with an error, and
+        a size this machine cannot even reserve is refused with one line instead of a traceback."""
+        array = self.array(name)
+        try:
+            return np.asarray(array[rows or slice(None)])
+        except MemoryError:
+            raise CacheError(f"{self.name}: array {name!r} of shape {tuple(array.shape)} does not fit in memory") from None
+
     def soft_labels(self, rows: slice | None = None, view: int | None = 0) -> np.ndarray:
         """Stored values as float32 ``(n, C)`` for one view, or ``(n, V, C)`` with ``view=None``."""
-        # contiguous rows only: random rows would decode most chunks
-        values = np.asarray(self.array(SOFT)[rows or slice(None)], dtype=np.float32)
+        values = self.read(SOFT, rows).astype(np.float32, copy=False)
         return values if view is None else values[:, view]
 
     def labels(self) -> np.ndarray:
-        return np.asarray(self.array(LABELS)[:]) if self.has_labels else np.full(self.rows, -1, dtype=np.int64)
+        return self.read(LABELS) if self.has_labels else np.full(self.rows, -1, dtype=np.int64)
 
     def sample_index(self) -> np.ndarray:
-        return np.asarray(self.array(INDEX)[:])
+        return self.read(INDEX)
 
     def predictions(self, view: int = 0) -> np.ndarray:
-        return np.asarray(self.array("stats/prediction")[:, view])
+        return self.read("stats/prediction")[:, view]
 
     def inputs(self, rows: slice | None = None) -> np.ndarray:
         if not self.has_inputs:
             raise CacheError(f"cache split {self.name!r} has no stored inputs; pass --data")
-        return np.asarray(self.array(INPUTS)[rows or slice(None)])
+        return self.read(INPUTS, rows)
 
     def stats(self) -> Any:
         """Per-sample teacher statistics as a polars DataFrame, one row per (row, view)."""
         import polars as pl
 
         views = int(self.array(SOFT).shape[1])
+        stored = {name: self.read(name) for name in (INDEX, *STATS)}  # read first: derived columns follow the data
         cols: dict[str, Any] = {
             "row": np.repeat(np.arange(self.rows, dtype=np.int64), views),
             "view": np.tile(np.arange(views, dtype=np.int32), self.rows),
-            "sample": np.repeat(self.sample_index(), views),
+            "sample": np.repeat(stored[INDEX], views),
             "label": np.repeat(self.labels(), views),
         }
         for name in STATS:
-            cols[name.split("/")[1]] = np.asarray(self.array(name)[:]).reshape(-1)
+            cols[name.split("/")[1]] = stored[name].reshape(-1)
         frame = pl.DataFrame(cols)
         return frame.with_columns(correct=pl.when(pl.col("label") >= 0).then(pl.col("prediction") == pl.col("label")))
 
@@ -361,6 +615,33 @@ def open_cache(url: str, *, allow_incomplete: bool = False) -> Cache:
             "finish it (softcache build --resume, or softcache finalize once every shard is done), "
             "or pass --allow-incomplete (allow_incomplete=True) to read it anyway"
         )
-    if SOFT not in group:
-        raise CacheError(f"{url}: manifest present but array '{SOFT}' is missing")
+    check = check_cache(group, manifest)
+    if check.errors:
+        more = f" (and {len(check.errors) - 1} more problem(s): softcache validate lists them)" if len(check.errors) > 1 else ""
+        raise CacheError(f"{url}: {check.errors[0]}{more}")
+    if check.unverified:
+        warnings.warn(unverified_message(url, check.unverified), UnverifiedCacheWarning, stacklevel=2)
+    if manifest.status.state != "complete":
+        _allow_unwritten(group, manifest)
     return Cache(url, group, manifest)
+
+
+def _allow_unwritten(group: zarr.Group, manifest: Manifest) -> None:
+    """Let a cache that is still being built (read with ``allow_incomplete``) read the chunks of
+    shards not done yet as fill values: ``sample_index`` -1 marks those rows, which inspect skips
+    and train refuses. A missing chunk of a shard flagged done stays an error."""
+    undone: dict[str, np.ndarray] = {}
+    for prefix in ("", f"{EVAL}/"):
+        node, _ = _member(group, prefix + SHARD_DONE)
+        if isinstance(node, zarr.Array):
+            undone[prefix] = ~read_flags(node)
+    shard_rows = manifest.layout.shard_rows
+
+    def missing_ok(path: str, first_row: int) -> bool:
+        flags = undone.get(split_prefix(path))
+        shard = first_row // shard_rows
+        return _absent_flag(path, first_row) or (flags is not None and shard < len(flags) and bool(flags[shard]))
+
+    store = group.store
+    if isinstance(store, guard.GuardedStore):
+        store.missing_ok = missing_ok

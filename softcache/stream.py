@@ -252,6 +252,15 @@ class ChunkSource:
             order = torch.from_numpy(perm)
         return RowBuffer(epoch, index, torch.from_numpy(rows), torch.from_numpy(soft), inputs, order)
 
+    def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """Every row, every view, in storage order, ``buffer_chunks`` chunks at a time: a pass
+        over the whole store that holds one group at a time, whatever the cache's size."""
+        soft_arr, _ = self._open()
+        step = self.buffer_chunks
+        for first in range(0, self.num_chunks, step):
+            runs = chunk_runs(np.arange(first, min(first + step, self.num_chunks)), self.chunk_rows, self.rows)
+            yield runs[0][0], read_rows(soft_arr, runs)
+
     def empty(self, epoch: int, index: int) -> RowBuffer:
         return RowBuffer(epoch, index, torch.zeros(0, dtype=torch.int64), torch.zeros(0), None, None)
 
@@ -445,6 +454,12 @@ class StreamLoader:
     def __len__(self) -> int:
         return self.batches_in(0)
 
+    def soft_blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """The stored soft labels in ``(first_row, values)`` blocks, for
+        :func:`~softcache.loader.nonfinite_rows`: one extra read of the store, within the
+        loader's memory bound (one group at a time, in this process)."""
+        return self.source.blocks()
+
     def _stream_at(self, epoch: int) -> Iterator[RowBuffer]:
         if self._stream is not None and self._stream_epoch == epoch:
             return self._stream
@@ -537,16 +552,21 @@ def open_loader(cache: Cache, *, inputs: torch.Tensor | None, batch_size: int, s
                 buffer_chunks: int = DEFAULT_BUFFER_CHUNKS, workers: int = 0,
                 start_method: str | None = None,
                 replay: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                labels: torch.Tensor | None = None,
                 ) -> MemoryLoader | StreamLoader:
     """The training split's loader in the mode asked for, or the one that fits the budget.
 
     ``inputs=None`` means the inputs are the ones stored in the cache: read whole in ``memory``
     mode, streamed with the soft labels in ``stream`` mode. ``replay(rows, views)`` re-creates
-    augmented views from the raw inputs (``augment.cache_replay``), in either mode.
+    augmented views from the raw inputs (``augment.cache_replay``), in either mode. ``labels``
+    (one per row, -1 when unknown) replace the cache's, e.g. the labels of the user's own data.
     """
     split = cache.train
     chosen = choose_mode(split, mode, memory_budget, with_inputs=inputs is None)
-    labels = torch.from_numpy(split.labels())
+    if labels is None:
+        labels = torch.from_numpy(split.labels())
+    elif len(labels) != split.rows:
+        raise CacheError(f"{len(labels)} labels but {split.rows} cached rows")
     if chosen == "memory":
         if inputs is None:
             if not split.has_inputs:

@@ -295,7 +295,8 @@ def synthesize(
     if probe.ndim != 2:
         raise UsageError(f"teacher output has shape {tuple(probe.shape)}; expected (batch, classes)")
     num_classes = int(probe.shape[1])
-    aug, view = resolve_views(augment, views, seed if view_seed is None else view_seed, source.num_samples)
+    aug, view = resolve_views(augment, views, seed if view_seed is None else view_seed, source.num_samples,
+                              shape=shape)
     manifest = make_manifest(  # everything the cache key needs is known before any synthesis
         teacher_info(model, teacher_spec), source, num_classes, None, shape,
         temperature=temperature, storage=parse_storage("full", dtype), views=view, chunk_rows=chunk_rows,

@@ -7,12 +7,16 @@ leaderboard (Parquet + printed table) and each student's weights as safetensors.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import polars as pl
 import torch
 from torch import nn
@@ -23,12 +27,14 @@ from .data import check_matches, load_dataset, materialize
 from .errors import CacheError, UsageError
 from .augment import cache_replay
 from .group import grouped
-from .loader import Batch, MemoryLoader
+from .loader import Batch, MemoryLoader, nonfinite_rows
 from .loss import distillation_loss, rescale
 from .manifest import DatasetSource
 from .progress import Progress
-from .specs import check_recorded, load_model, num_parameters, probe_model, resolve_device, save_model
-from .store import Cache, open_cache
+from .manifest import Spec
+from .specs import (Trust, check_recorded, load_model, num_parameters, probe_model, require_trusted,
+                    resolve_device, save_model)
+from .store import Cache, _holds_manifest, open_cache
 from .stream import StreamLoader, open_loader
 
 SoftSource = Callable[[Batch], torch.Tensor | None]
@@ -63,10 +69,13 @@ class StudentRun:
         return torch.stack(self.losses).tolist() if self.losses else []
 
 
-def make_run(config: StudentConfig, num_classes: int, probe: torch.Tensor, device: torch.device) -> StudentRun:
-    """Build a student with its own seed and check it emits one logit per cached class."""
+def make_run(config: StudentConfig, num_classes: int, probe: torch.Tensor, device: torch.device,
+             trust: Trust | None = None) -> StudentRun:
+    """Build a student with its own seed and check it emits one logit per cached class. A
+    weights-file student's recorded architecture must pass ``trust`` (the modules the user
+    trusts; ``--trust-cache-specs`` covers caches, not weights files)."""
     torch.manual_seed(config.seed)
-    model = load_model(config.spec).to(device)
+    model = load_model(config.spec, trust=Trust(trust.modules, trust.specs) if trust else None).to(device)
     out = probe_model(model, probe, device, what=f"student {config.spec}")
     if out.ndim != 2 or out.shape[1] != num_classes:
         raise CacheError(
@@ -114,18 +123,22 @@ def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 1024) -> t
     return torch.cat([model(inputs[i : i + batch_size]).argmax(-1) for i in range(0, len(inputs), batch_size)])
 
 
-def _train_inputs(cache: Cache, data: str | Dataset | None, trust: bool = False) -> tuple[torch.Tensor, str]:
-    """The inputs of the cached rows: stored in the cache, given, or rebuilt from the recorded spec."""
+def _train_inputs(cache: Cache, data: str | Dataset | None,
+                  trust: Trust | bool = False) -> tuple[torch.Tensor, str, torch.Tensor | None]:
+    """The inputs of the cached rows: stored in the cache, given, or rebuilt from the recorded
+    spec; and the dataset's labels when the inputs come from a dataset (None otherwise)."""
     source = cache.manifest.source
     if data is None and cache.train.has_inputs:
-        return torch.from_numpy(cache.train.inputs()), "stored inputs"
+        return torch.from_numpy(cache.train.inputs()), "stored inputs", None
     if source.kind != "dataset":
         raise CacheError("this synthesized cache has no stored inputs")
     dataset = _dataset_for(source, data, "training data", "--data", trust)
-    return materialize(dataset)[0], str(source.spec) if data is None else "given data"
+    inputs, labels = materialize(dataset)
+    return inputs, str(source.spec) if data is None else "given data", labels
 
 
-def _dataset_for(source: DatasetSource, data: str | Dataset | None, what: str, flag: str, trust: bool) -> Dataset:
+def _dataset_for(source: DatasetSource, data: str | Dataset | None, what: str, flag: str,
+                 trust: Trust | bool) -> Dataset:
     if data is None:
         if source.spec is None:
             raise UsageError(f"the cache does not record how to load its {what}; pass it explicitly")
@@ -136,7 +149,7 @@ def _dataset_for(source: DatasetSource, data: str | Dataset | None, what: str, f
 
 
 def _eval_set(cache: Cache, eval_data: str | Dataset | None,
-              trust: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+              trust: Trust | bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
     """Held-out inputs, labels and, when the cache holds an eval split, the teacher's predictions."""
     recorded = cache.manifest.eval
     if recorded is None or cache.eval is None:
@@ -145,6 +158,20 @@ def _eval_set(cache: Cache, eval_data: str | Dataset | None,
         return (*materialize(load_dataset(eval_data)[0]), None)
     x, y = materialize(_dataset_for(recorded.source, eval_data, "evaluation data", "--eval-data", trust))
     return x, y, torch.from_numpy(cache.eval.predictions()).long()
+
+
+def _recorded_code(cache: Cache, data: str | Dataset | None,
+                   eval_data: str | Dataset | None) -> list[tuple[str, Spec, str]]:
+    """The SPECs recorded in the cache that training would run, each with what replaces it, so
+    one check before any work names everything the user has to pass."""
+    m, runs = cache.manifest, []
+    if data is None and not cache.train.has_inputs and isinstance(m.source, DatasetSource) and m.source.spec:
+        runs.append(("training data", m.source.spec, "pass --data SPEC"))
+    if eval_data is None and m.eval is not None and cache.eval is not None and m.eval.source.spec:
+        runs.append(("evaluation data", m.eval.source.spec, "pass --eval-data SPEC"))
+    if m.views.replay == "params" and m.views.augment is not None:
+        runs.append(("view augmentation", m.views.augment, ""))
+    return runs
 
 
 def _unique_names(configs: Sequence[StudentConfig]) -> list[str]:
@@ -191,46 +218,135 @@ def train(
     config: TrainConfig | None = None,
     progress: bool = True,
     trust_cache_specs: bool = False,
+    overwrite: bool = False,
+    trust: Trust | None = None,
+    verify_key: str | Path | None = None,
 ) -> pl.DataFrame:
     """Train every student in one pass over the cache and return the leaderboard.
 
     Inputs come from ``data`` (checked against the cache's fingerprint), from inputs stored in
-    the cache, or from the dataset SPEC the manifest records. Evaluation uses ``eval_data`` or
+    the cache, or from the dataset SPEC the manifest records; when they come from a dataset, its
+    labels are the hard labels (the cache's copy must agree). Evaluation uses ``eval_data`` or
     the recorded held-out split, whose teacher predictions give ``teacher_agreement``. A SPEC
-    recorded in the cache runs only when it is softcache's own or ``trust_cache_specs`` is set.
+    recorded in the cache (or an architecture in a student's weights file) runs only when it is on
+    softcache's allowlist or ``trust`` allows it (default ``Trust.from_user()``: the modules the
+    user trusts); ``trust_cache_specs`` runs whatever the cache records.
+
+    Garbage never trains: a cache temperature outside :data:`TEMPERATURE_RANGE`, labels outside
+    the classes, no known label for a student that learns from labels, or soft labels that are
+    not finite stop the call before any student takes a step. ``out_dir`` receives
+    ``students/*.safetensors`` and ``leaderboard.parquet`` together or not at all; earlier
+    results there are replaced only with ``overwrite``. With ``verify_key`` (an EC public key,
+    PEM) the cache must match its signature (``softcache.sign``) before anything else is done.
     """
     cfg = config or TrainConfig()
     configs = [s if isinstance(s, StudentConfig) else StudentConfig(spec=s) for s in students]
     if not configs:
         raise UsageError("no students to train")
-    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise UsageError(f"{out_dir}: exists and is not a directory; --out needs a directory for the results")
+    out = _results_target(out_dir, overwrite) if out_dir is not None else None
+    if verify_key is not None:
+        from .sign import verify
+
+        verify(cache.url if isinstance(cache, Cache) else str(cache), verify_key)
     opened = cache if isinstance(cache, Cache) else open_cache(cache)
     if not opened.complete:
         _check_written(opened)
+    _check_temperature(opened)
     device = resolve_device(cfg.device)
-    inputs, _ = _train_inputs(opened, data, trust_cache_specs)
+    policy = (trust or Trust.from_user()).with_cache_specs(trust_cache_specs)
+    require_trusted(_recorded_code(opened, data, eval_data), policy)
+    inputs, _, data_labels = _train_inputs(opened, data, policy)
+    labels = _training_labels(opened, data_labels)
+    _check_known_labels(opened, labels, configs)
     loader = open_loader(opened, inputs=inputs, batch_size=cfg.batch_size, shuffle_seed=cfg.shuffle_seed, device=device,
                          mode=cfg.loader, memory_budget=cfg.memory_budget, buffer_chunks=cfg.buffer_chunks,
-                         workers=cfg.workers, start_method=cfg.start_method, replay=cache_replay(opened, inputs, trust_cache_specs))
-    evaluation = _eval_set(opened, eval_data, trust_cache_specs)
-    runs = [make_run(c, opened.num_classes, inputs[:2], device) for c in configs]
+                         workers=cfg.workers, start_method=cfg.start_method, replay=cache_replay(opened, inputs, policy),
+                         labels=labels)
     try:
+        _check_finite(opened, loader)
+        evaluation = _eval_set(opened, eval_data, policy)
+        if evaluation is not None:
+            _check_label_range(evaluation[1], opened.num_classes, "the evaluation data's labels")
+        runs = [make_run(c, opened.num_classes, inputs[:2], device, policy) for c in configs]
         fit(runs, loader, cfg.epochs, cached_soft, opened.temperature, progress=progress, group=cfg.group)
     finally:
         if isinstance(loader, StreamLoader):
             loader.close()
     names = _unique_names(configs)
-    weights: list[str | None] = [None] * len(runs)
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        for i, (run, name) in enumerate(zip(runs, names)):
-            weights[i] = str(save_model(run.model, out / "students" / f"{_slug(name)}.safetensors", run.config.spec))
-    board = leaderboard(runs, names, evaluation, cfg, weights, device)
-    if out_dir is not None:
-        board.write_parquet(Path(out_dir) / "leaderboard.parquet")
-    return board
+    if out is None:
+        return leaderboard(runs, names, evaluation, cfg, [None] * len(runs), device)
+    return _write_results(out, runs, names, lambda weights: leaderboard(runs, names, evaluation, cfg, weights, device),
+                          overwrite)
+
+
+# -- what is refused before any student trains -----------------------------------------------
+
+TEMPERATURE_RANGE = (0.05, 1000.0)
+"""Cache temperatures ``train`` accepts: wide around every temperature distillation uses (1 to
+20), and narrow enough to refuse a manifest that was typed wrong or tampered with. Below 0.05 a
+logit margin of 1 becomes a factor e^20, so the cached distribution is one-hot to float
+precision; above 1000 the stored values z / T crowd around 0, where float16 keeps three
+significant digits that rescaling to a student's T multiplies by up to T_cache / T."""
+
+
+def _check_temperature(cache: Cache) -> None:
+    low, high = TEMPERATURE_RANGE
+    t = cache.temperature
+    if not low <= t <= high:  # also false for NaN
+        raise CacheError(f"{cache.url}: the manifest's temperature {t} is outside [{low:g}, {high:g}]; "
+                         "the cache is damaged or was built wrongly")
+
+
+def _check_label_range(labels: torch.Tensor, classes: int, what: str) -> None:
+    """A label must be a class or -1 (unknown); anything else would index past the logits or
+    silently never match a prediction."""
+    bad = ((labels < -1) | (labels >= classes)).nonzero().flatten()
+    if len(bad):
+        raise CacheError(f"{what}: {len(bad)} of {len(labels)} are outside [-1, {classes}) "
+                         f"(first rows {bad[:5].tolist()}, e.g. {int(labels[bad[0]])})")
+
+
+def _training_labels(cache: Cache, from_data: torch.Tensor | None) -> torch.Tensor:
+    """The hard label of every training row: the dataset's when the inputs come from one.
+
+    The cache keeps its own copy of the labels, which must agree wherever it knows one. A copy
+    that disagrees with the data the cache's fingerprint matched was changed after the build,
+    and the soft labels written by the same build are then suspect too: that is an error rather
+    than a silent switch to the dataset's labels.
+    """
+    stored = torch.from_numpy(cache.train.labels()).long()
+    _check_label_range(stored, cache.num_classes, f"{cache.url}: the cache's training labels")
+    if from_data is None:
+        return stored
+    given = from_data.long()
+    if len(given) != len(stored):
+        raise CacheError(f"the training data has {len(given)} rows but the cache {len(stored)}")
+    _check_label_range(given, cache.num_classes, "the training data's labels")
+    differ = ((stored >= 0) & (stored != given)).nonzero().flatten()
+    if len(differ):
+        raise CacheError(f"{cache.url}: {len(differ)} of {len(stored)} labels in the cache disagree with the "
+                         f"training data's (first rows {differ[:5].tolist()}); the cache was altered or built "
+                         "from other data")
+    return given
+
+
+def _check_known_labels(cache: Cache, labels: torch.Tensor, configs: Sequence[StudentConfig]) -> None:
+    """A student with alpha < 1 learns partly from labels; with none known (a data-free cache,
+    or data without labels) it would silently train on the soft term alone, or on nothing."""
+    hard = [c for c in configs if c.alpha < 1]
+    if hard and not bool((labels >= 0).any()):
+        raise CacheError(f"{cache.url}: no training row has a known label, but {len(hard)} student(s) learn from "
+                         f"labels (alpha < 1, e.g. {hard[0].display_name()}); use alpha=1 or pass labelled --data")
+
+
+def _check_finite(cache: Cache, loader: MemoryLoader | StreamLoader) -> None:
+    """NaN or infinite soft labels make every student that reads them NaN. In memory mode the
+    scan reads the tensors already loaded; in stream mode it is one extra pass over the store,
+    a group of chunks at a time, so it stays within the loader's memory bound."""
+    found = nonfinite_rows(loader.soft_blocks())
+    if found.count:
+        raise CacheError(f"{cache.url}: the soft labels of {found.count} of {cache.train.rows} training rows are NaN "
+                         f"or infinite (first rows {found.first}); the cache is corrupt")
 
 
 def _check_written(cache: Cache) -> None:
@@ -247,6 +363,84 @@ def _check_written(cache: Cache) -> None:
 def _slug(name: str) -> str:
     keep = [c if c.isalnum() or c in "-_." else "_" for c in name]
     return "".join(keep).strip("_")
+
+
+# -- the results folder ----------------------------------------------------------------------
+
+RESULTS = ("leaderboard.parquet", "students")
+"""What ``train`` writes into its output folder, in the order old results are moved aside (the
+leaderboard first, so it never outlives the weights it names)."""
+
+
+def _results_target(out_dir: str | Path, overwrite: bool) -> Path:
+    """Check where the results will go before anything trains, so a refusal costs nothing."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out_dir}: exists and is not a directory; --out needs a directory for the results")
+    for folder in (out.resolve(), *out.resolve().parents):
+        if _holds_manifest(fsspec.filesystem("file"), str(folder)):
+            raise UsageError(f"{out_dir}: is inside the cache {folder}; write the results outside it "
+                             "(a cache holds only what its build wrote)")
+    _refuse_previous(out, overwrite)
+    return out
+
+
+def _refuse_previous(out: Path, overwrite: bool) -> list[str]:
+    """The earlier results in ``out``; an error unless ``overwrite`` allows replacing them."""
+    previous = [name for name in RESULTS if (out / name).exists()] if out.is_dir() else []
+    if previous and not overwrite:
+        raise UsageError(f"{out}: holds the results of an earlier run ({', '.join(previous)}); "
+                         "pass --overwrite to replace them, or choose another --out")
+    return previous
+
+
+def _write_results(out: Path, runs: Sequence[StudentRun], names: Sequence[str],
+                   board_for: Callable[[list[str | None]], pl.DataFrame], overwrite: bool) -> pl.DataFrame:
+    """Write the weights and the leaderboard into a temporary folder, then move them into place:
+    a failure or a kill while writing leaves ``out`` as it was. The leaderboard names each
+    student's weights at their final path, as ``out`` was given.
+
+    A new ``out`` is the temporary folder renamed (one atomic step). An existing one is never
+    renamed or replaced itself (it may be the working directory, a mount point, or hold other
+    files, as a demo workdir holds its teacher and cache): the temporary folder is made inside it,
+    on the same file system, and the entries are swapped, the old leaderboard out first and the
+    new one in last. At every moment a leaderboard in ``out`` names exactly the weights of its own
+    run; a kill in between leaves no leaderboard, and the old results in the temporary folder.
+    """
+    target = out.resolve()
+    fresh = not target.exists()
+    home = target.parent if fresh else target
+    home.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}." if fresh else ".softcache-", suffix=".partial", dir=home))
+    staged = work / "new"
+    try:
+        weights: list[str | None] = []
+        for run, name in zip(runs, names):
+            file = Path("students") / f"{_slug(name)}.safetensors"
+            save_model(run.model, staged / file, run.config.spec)
+            weights.append(str(out / file))
+        board = board_for(weights)
+        board.write_parquet(staged / "leaderboard.parquet")
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    if fresh and not target.exists():
+        os.replace(staged, target)
+    else:  # (also when another process made ``out`` meanwhile)
+        _swap_entries(staged, target, work / "old", overwrite)  # a failure here leaves ``work`` to recover from
+    shutil.rmtree(work, ignore_errors=True)
+    return board
+
+
+def _swap_entries(staged: Path, out: Path, old: Path, overwrite: bool) -> None:
+    """Move earlier results from ``out`` into ``old`` (leaderboard first), then the staged ones
+    into ``out`` (leaderboard last); nothing else in ``out`` is touched."""
+    previous = _refuse_previous(out, overwrite)  # again: another run may have finished meanwhile
+    old.mkdir()
+    for name in previous:
+        os.replace(out / name, old / name)
+    for name in reversed(RESULTS):
+        os.replace(staged / name, out / name)
 
 
 def format_board(board: pl.DataFrame) -> str:

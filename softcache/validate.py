@@ -1,7 +1,12 @@
 """Checking and summarising a cache: what ``softcache validate`` and ``inspect`` report.
 
-Validation reads chunk by chunk so it runs in bounded memory on caches larger than RAM, and
-collects every problem instead of stopping at the first, so one run tells the whole story.
+Validation first checks every array's metadata against the manifest and the format
+(``store.check_cache``, the checker ``open_cache`` and ``finalize`` share), then reads every
+array chunk row by chunk row, so it runs in bounded memory on caches larger than RAM: each read
+checks the chunk's size and crc32c, and a missing chunk is an error. It collects every problem
+instead of stopping at the first, so one run tells the whole story, and it reports a bad cache,
+never raises for one. ``--deep`` adds the costly checks: stored predictions against the soft
+labels, the cache key, and the content digest over every stored byte.
 """
 
 from __future__ import annotations
@@ -13,53 +18,75 @@ import numpy as np
 from . import store
 from .errors import CacheError
 from .manifest import Manifest, compute_cache_key
+from .specs import recorded_spec_problems
 
 
-def _check_split(split: store.Split, manifest: Manifest, rows: int, name: str, errors: list[str], deep: bool) -> None:
-    expected = store.split_arrays(manifest, rows, store_inputs=split.has_inputs, with_labels=split.has_labels,
-                                  eval_split=name == "eval")
-    for array_name, spec in expected.items():
-        if array_name not in split.group:
-            errors.append(f"{name}: array {array_name!r} is missing")
-            continue
-        arr = split.array(array_name)
-        if tuple(arr.shape) != spec.shape:
-            errors.append(f"{name}: array {array_name!r} has shape {tuple(arr.shape)}, expected {spec.shape}")
-        if str(arr.dtype) != spec.dtype:
-            errors.append(f"{name}: array {array_name!r} has dtype {arr.dtype}, expected {spec.dtype}")
-    if any(e.startswith(f"{name}: array {store.SOFT!r}") for e in errors):
+def _check_contents(check: store.CacheCheck, manifest: Manifest, prefix: str, errors: list[str], deep: bool) -> None:
+    """Read every checked array of one split (``prefix`` "" or "eval/") and check its values."""
+    arrays = {path.removeprefix(prefix): node for path, (node, _) in check.arrays.items()
+              if store.split_prefix(path) == prefix and path.removeprefix(prefix) != store.SHARD_DONE}
+    if not arrays:
         return
-    soft = split.array(store.SOFT)
-    step = int(soft.chunks[0])
-    bad_rows: list[int] = []
-    for start in range(0, split.rows, step):
-        block = np.asarray(soft[start : start + step])
-        bad = np.flatnonzero(~np.isfinite(block.reshape(len(block), -1)).all(axis=1))
-        bad_rows.extend((start + bad).tolist())
-        if deep and len(block):
-            stored_pred = np.asarray(split.array("stats/prediction")[start : start + step])
-            if not (block.argmax(-1) == stored_pred).all() and manifest.storage.mode == "full":
-                errors.append(f"{name}: stats/prediction disagrees with soft_labels in rows {start}..{start + len(block) - 1}")
-    if bad_rows:
-        errors.append(f"{name}: soft_labels hold NaN/Inf in {len(bad_rows)} row(s), first {bad_rows[:10]}")
-    labels = split.labels()
-    if len(labels) and (labels.min() < -1 or labels.max() >= manifest.classes.count):
+    name = "eval" if prefix else "train"
+    step = int(next(iter(arrays.values())).chunks[0])
+    rows = int(next(iter(arrays.values())).shape[0])
+    failed: set[str] = set()
+    nonfinite: list[int] = []
+    nonfinite_count = disagree = 0
+    labels_outside = unwritten = False
+    for start in range(0, rows, step):
+        block: dict[str, np.ndarray] = {}
+        for key, node in arrays.items():
+            if key in failed:
+                continue
+            try:
+                block[key] = np.asarray(node[start : start + step])
+            except (CacheError, ValueError) as exc:  # one line per array: the first bad chunk
+                errors.append(f"{name}: array {key!r}: {exc}")
+                failed.add(key)
+        soft = block.get(store.SOFT)
+        if soft is not None and len(soft):
+            bad = np.flatnonzero(~np.isfinite(soft.reshape(len(soft), -1)).all(axis=1))
+            nonfinite_count += len(bad)
+            nonfinite.extend((start + bad[: 10 - len(nonfinite)]).tolist())
+            prediction = block.get("stats/prediction")
+            if deep and prediction is not None and manifest.storage.mode == "full":
+                disagree += int((soft.argmax(-1) != prediction).sum())
+        labels = block.get(store.LABELS)
+        if labels is not None and len(labels):
+            labels_outside |= bool(labels.min() < -1 or labels.max() >= manifest.classes.count)
+        index = block.get(store.INDEX)
+        if deep and index is not None and len(index):
+            unwritten |= bool(index.min() < 0)
+    if nonfinite_count:
+        errors.append(f"{name}: soft_labels hold NaN/Inf in {nonfinite_count} row(s), first {nonfinite}")
+    if disagree:
+        errors.append(f"{name}: stats/prediction disagrees with soft_labels in {disagree} (row, view) pair(s)")
+    if labels_outside:
         errors.append(f"{name}: labels outside [-1, {manifest.classes.count})")
-    if deep:
-        index = split.sample_index()
-        if len(index) and (index.min() < 0):
-            errors.append(f"{name}: sample_index has negative entries (rows never written)")
+    if unwritten:
+        errors.append(f"{name}: sample_index has negative entries (rows never written)")
 
 
-def _check_flags(group: Any, expected: int, prefix: str, errors: list[str]) -> None:
-    if store.SHARD_DONE not in group:
-        errors.append(f"array '{prefix}{store.SHARD_DONE}' is missing")
+def _check_digest(group: Any, manifest: Manifest, check: store.CacheCheck, errors: list[str],
+                  warnings: list[str]) -> None:
+    """Recompute the content digest that ``finalize`` recorded: any changed byte shows, even one
+    whose chunk checksum was recomputed to match."""
+    if manifest.integrity is None:
+        warnings.append("the manifest records no content digest (a cache written by softcache 0.1?): "
+                        "--deep cannot detect changed bytes in it")
         return
-    done = store.shards_done(group)
-    if len(done) != expected:
-        errors.append(f"{prefix}shard_done has {len(done)} entries, manifest says {expected} shards")
-    elif not done.all():
-        errors.append(f"{prefix}shards not done: {np.flatnonzero(~done).tolist()[:20]}")
+    if errors:  # some array is already unreadable or wrong: the digest cannot match and says no more
+        return
+    try:
+        digest, chunks = store.content_digest(group, check)
+    except CacheError as exc:
+        errors.append(f"content digest not computed: {exc}")
+        return
+    recorded = manifest.integrity
+    if (digest, chunks) != (recorded.content_digest, recorded.chunks):
+        errors.append(f"content digest mismatch: the stored chunks differ from the finalized cache (recorded "
+                      f"{recorded.content_digest[:16]} over {recorded.chunks} chunks, found {digest[:16]} over {chunks})")
 
 
 def validate(url: str, *, deep: bool = False) -> dict[str, Any]:
@@ -74,27 +101,25 @@ def validate(url: str, *, deep: bool = False) -> dict[str, Any]:
         errors.append(str(exc))
         return result
     result["cache_key"] = manifest.cache_key
-    errors.extend(f"{p}: run `softcache finalize {url}` to rewrite it" for p in store.stale_consolidated(str(url)))
-    if manifest.status.state != "complete":
-        errors.append(f"build status is {manifest.status.state!r}, not 'complete'")
-    _check_flags(group, manifest.layout.num_shards, "", errors)
-    if store.SOFT not in group:
-        errors.append(f"array {store.SOFT!r} is missing")
-        return result
-    _check_split(store.Split(group, manifest, "train"), manifest, manifest.layout.rows, "train", errors, deep)
-    if manifest.eval is not None:
-        if store.EVAL not in group:
-            errors.append("manifest records an eval split but group 'eval' is missing")
-        else:
-            eval_group = group[store.EVAL]
-            _check_split(store.Split(eval_group, manifest, "eval"), manifest, manifest.eval.rows, "eval", errors, deep)  # type: ignore[arg-type]
-            if store.SHARD_DONE in eval_group:  # sharded eval splits carry their own flags
-                _check_flags(eval_group, eval_group[store.SHARD_DONE].shape[0], "eval/", errors)
-    if deep:
-        key = compute_cache_key(manifest.teacher, manifest.source, manifest.classes, manifest.temperature,
-                                manifest.storage, manifest.views, manifest.eval.source if manifest.eval else None)
-        if key != manifest.cache_key:
-            errors.append("cache_key does not match the manifest contents (edited after the build?)")
+    errors.extend(recorded_spec_problems(manifest))  # the code it names, checked as text: nothing is imported
+    try:
+        errors.extend(f"{p}: run `softcache finalize {url}` to rewrite it" for p in store.stale_consolidated(str(url)))
+        if manifest.status.state != "complete":
+            errors.append(f"build status is {manifest.status.state!r}, not 'complete'")
+        check = store.check_cache(group, manifest, listing=True, flags=True)
+        errors.extend(check.errors)
+        if check.unverified:
+            warnings.append(store.unverified_message(str(url), check.unverified))
+        for prefix in ("", f"{store.EVAL}/"):
+            _check_contents(check, manifest, prefix, errors, deep)
+        if deep:
+            key = compute_cache_key(manifest.teacher, manifest.source, manifest.classes, manifest.temperature,
+                                    manifest.storage, manifest.views, manifest.eval.source if manifest.eval else None)
+            if key != manifest.cache_key:
+                errors.append("cache_key does not match the manifest contents (edited after the build?)")
+            _check_digest(group, manifest, check, errors, warnings)
+    except CacheError as exc:  # the store refused something the checks did not foresee: still a report
+        errors.append(str(exc))
     if manifest.views.count == 1 and manifest.views.replay == "identity":
         warnings.append("one fixed view per sample: augmenting inputs during training will not match the teacher's view")
     result["valid"] = not errors

@@ -74,7 +74,11 @@ def test_recorded_specs_rebuild_the_same_cache(demo_dir: Path, tmp_path: Path) -
     manifest = json.loads(sc("inspect", str(demo_dir / "cache.zarr"), "--json").stdout)["manifest"]
     spec = lambda s: ",".join([s["target"], *(f"{k}={v}" for k, v in s["kwargs"].items())])  # noqa: E731
     out = tmp_path / "rebuilt.zarr"
-    sc("build", "--teacher", spec(manifest["teacher"]["spec"]), "--data", spec(manifest["source"]["spec"]),
+    from softcache.location import Location, resolve_recorded  # paths are recorded relative to the cache
+
+    teacher = manifest["teacher"]["spec"]
+    teacher = {**teacher, "target": resolve_recorded(teacher["target"], Location.of(str(demo_dir / "cache.zarr")))}
+    sc("build", "--teacher", spec(teacher), "--data", spec(manifest["source"]["spec"]),
        "--eval-data", spec(manifest["eval"]["source"]["spec"]), "--out", str(out), "--temperature",
        str(manifest["temperature"]), "--quiet")
     rebuilt = json.loads(sc("inspect", str(out), "--json").stdout)

@@ -132,8 +132,8 @@ def test_plan_groups_stacks_shared_architectures_only(batches):
     configs = sweep(MLP)[:3] + sweep(CNN)[:1] + [StudentConfig(spec="softcache.models:teacher_cnn,width=4")] * 2
     steppers = plan_groups(runs_for(configs, batches))
     kinds = [(type(s).__name__, len(s.runs) if isinstance(s, StudentGroup) else 1) for s in steppers]
-    # the MLPs form one group; the lone CNN and the BatchNorm students (buffers) step alone
-    assert kinds == [("StudentGroup", 3), ("StudentRun", 1), ("StudentRun", 1), ("StudentRun", 1)]
+    # the MLPs form one group, the lone CNN a group of one; the BatchNorm students (buffers) step alone
+    assert kinds == [("StudentGroup", 3), ("StudentGroup", 1), ("StudentRun", 1), ("StudentRun", 1)]
 
 
 def test_unstackable_layers_fall_back_to_one_by_one(batches, monkeypatch):

@@ -92,7 +92,8 @@ def s3() -> Iterator[S3Server]:
         for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
             mp.delenv(key, raising=False)
         s3fs.S3FileSystem.clear_instance_cache()  # no client bound to another endpoint
-        fsspec.filesystem("s3").mkdir("caches")
+        if not fsspec.filesystem("s3").exists("caches"):  # moto's backend is per process: another module made it
+            fsspec.filesystem("s3").mkdir("caches")
         yield S3Server(endpoint, env, log)
         s3fs.S3FileSystem.clear_instance_cache()
     server.shutdown()

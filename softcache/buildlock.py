@@ -1,0 +1,247 @@
+"""Who is building a cache right now, so that a build never deletes or races one in progress.
+
+Every process that writes a cache registers itself beside the store, in ``URL + ".building/"``
+(``cache.zarr`` -> ``cache.zarr.building/``), one small JSON entry per process: host, pid, pid
+namespace, role, start time and the time it last said it was alive. The entries sit beside the
+store, not in it, so Zarr never meets them and ``--overwrite`` can remove the old store without
+touching them.
+
+- Shard workers of one build (``--shard I/N``, torchrun ranks) register without looking at the
+  others: joining a build on purpose is the point.
+- A build that would replace or take over a store (``--overwrite``, ``--resume``) registers and
+  then looks: if any other entry is live it withdraws its own and refuses with one line naming
+  who holds the cache. Registering *before* looking means two such builds starting together
+  cannot both proceed (at worst both refuse).
+- An entry is live while its process is alive (same host and pid namespace: the pid is checked)
+  or, for other hosts, while it was refreshed within ``STALE_S`` seconds: a background thread
+  of the registering process rewrites it every ``REFRESH_S`` seconds. Dead entries are taken
+  over (removed) by the next build.
+- Finalizing a cache removes the whole directory; a refresh that races with it sees the cache
+  complete and removes its entry again, so a finished cache leaves nothing behind. A build that
+  fails keeps its entry until its process exits (a long-lived Python session holds the cache
+  until then: remove the directory by hand if that session will not build it again).
+- A cache at the root of a bucket (``s3://bucket``) has nothing beside it and is not guarded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+
+from .errors import UsageError
+from .manifest import now_iso
+
+LOCK_SUFFIX = ".building"
+REFRESH_S = 15.0
+STALE_S = 120.0
+MAX_ENTRY_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class Holder:
+    """One registered builder, as read from its entry."""
+
+    path: str
+    host: str
+    pid: int
+    pid_ns: str
+    role: str
+    started_at: str
+    refreshed: float
+
+    def describe(self, now: float) -> str:
+        return (f"{self.role} by pid {self.pid} on {self.host}, started {self.started_at}, "
+                f"last seen {max(0.0, now - self.refreshed):.0f}s ago")
+
+
+def lock_dir(url: str) -> tuple[fsspec.AbstractFileSystem, str | None]:
+    """Where the entries of ``url``'s builders go; None for a cache at the root of a bucket,
+    which has nothing beside it (such builds are not guarded)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    path = path.rstrip("/")
+    return fs, (path + LOCK_SUFFIX if "/" in path else None)
+
+
+def _pid_namespace() -> str:
+    """Processes in other pid namespaces (containers sharing a host name) cannot be checked by
+    pid; they count as other hosts."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def _identity() -> tuple[str, int, str]:
+    return socket.gethostname(), os.getpid(), _pid_namespace()
+
+
+def _entry_name(host: str, pid: int) -> str:
+    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', host)[:100]}.{pid}.json"
+
+
+def _pid_alive(pid: int) -> bool:
+    """True for a running process (a zombie, killed but not yet reaped, is not running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+def is_live(holder: Holder, now: float, stale_s: float = STALE_S) -> bool:
+    host, _, pid_ns = _identity()
+    if holder.host == host and holder.pid_ns == pid_ns:
+        return _pid_alive(holder.pid)
+    return now - holder.refreshed < stale_s
+
+
+def holders(url: str) -> list[Holder]:
+    """Every readable entry; one that cannot be parsed (a half-written file of a killed process)
+    is skipped: it says nothing about a live builder, whose entries are written whole."""
+    fs, directory = lock_dir(url)
+    if directory is None:
+        return []
+    fs.invalidate_cache(directory)  # object-store clients cache listings; other processes write here
+    try:
+        names = [p for p in fs.ls(directory, detail=False) if str(p).endswith(".json")]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = []
+    for name in names:
+        try:
+            raw = fs.cat_file(name)
+            if len(raw) > MAX_ENTRY_BYTES:
+                continue
+            data = json.loads(raw)
+            found.append(Holder(str(name), str(data["host"]), int(data["pid"]), str(data.get("pid_ns", "")),
+                                str(data.get("role", "build")), str(data.get("started_at", "?")),
+                                float(data["refreshed"])))
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            continue
+    return found
+
+
+def _write_entry(fs: fsspec.AbstractFileSystem, path: str, entry: dict[str, Any]) -> None:
+    """One whole write: a temporary file renamed into place locally, one PUT on object stores."""
+    data = json.dumps({**entry, "refreshed": time.time()}).encode()
+    if _is_local(fs):
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def register(url: str, *, role: str, exclusive: bool, finished_since: Callable[[str], bool],
+             refresh_s: float = REFRESH_S, stale_s: float = STALE_S) -> None:
+    """Record this process as a builder of ``url`` and keep the record fresh until the cache is
+    complete or the record is removed (by :func:`release_all`, or by a taking-over build).
+
+    With ``exclusive``, refuse (UsageError) when another live builder is registered, before
+    anything of the cache is touched. ``finished_since(t)`` says whether the cache was completed
+    at or after ISO time ``t`` (the refreshing thread stops then; an older complete cache that an
+    overwrite is about to remove does not count). Calling it again in the same process is harmless."""
+    fs, directory = lock_dir(url)
+    if directory is None:
+        return
+    host, pid, pid_ns = _identity()
+    mine = f"{directory}/{_entry_name(host, pid)}"
+    now = time.time()
+    others = [h for h in holders(url) if h.path != mine]
+    for stale in (h for h in others if not is_live(h, now, stale_s)):  # dead builders: take over
+        _withdraw(fs, stale.path)
+    live = [h for h in others if is_live(h, now, stale_s)]
+    if exclusive and live:
+        _refuse(url, directory, live[0], now, stale_s)
+    entry = {"host": host, "pid": pid, "pid_ns": pid_ns, "role": role, "started_at": now_iso()}
+    _write_entry(fs, mine, entry)
+    if exclusive:  # a builder that registered meanwhile: one of us must give way (both may)
+        now = time.time()
+        late = [h for h in holders(url) if h.path != mine and is_live(h, now, stale_s)]
+        if late:
+            _withdraw(fs, mine)
+            _refuse(url, directory, late[0], now, stale_s)
+    _keep_fresh(fs, mine, finished_since, refresh_s)
+
+
+def _refuse(url: str, directory: str, holder: Holder, now: float, stale_s: float) -> None:
+    raise UsageError(
+        f"{url}: another process is building this cache now ({holder.describe(now)}); wait for it to finish or "
+        f"stop it first. If it is gone, remove {directory} (entries of dead processes on this host, and of other "
+        f"hosts not seen for {stale_s:.0f}s, are taken over automatically)"
+    )
+
+
+def _keep_fresh(fs: fsspec.AbstractFileSystem, path: str, finished_since: Callable[[str], bool],
+                refresh_s: float) -> None:
+    """A daemon thread that rewrites the entry every ``refresh_s`` seconds (one per entry; it
+    refreshes whatever this process last registered there)."""
+    name = f"softcache-building:{path}"
+    if any(t.name == name and t.is_alive() for t in threading.enumerate()):
+        return
+
+    def refresh() -> None:
+        while True:
+            time.sleep(refresh_s)
+            try:
+                fs.invalidate_cache(path)
+                entry = json.loads(fs.cat_file(path))  # gone: released by finalize, or taken over
+                _write_entry(fs, path, entry)
+                if finished_since(entry["started_at"]):  # finalized meanwhile: leave nothing behind
+                    _withdraw(fs, path)
+                    return
+            except FileNotFoundError:
+                return
+            except Exception:  # noqa: BLE001 - a failed refresh (network) is retried at the next beat
+                continue
+
+    threading.Thread(target=refresh, name=name, daemon=True).start()
+
+
+def _withdraw(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Remove one entry, and the directory when it was the last (local directories outlive
+    their files; object stores have no empty directories)."""
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+    if _is_local(fs):
+        try:
+            os.rmdir(os.path.dirname(path))
+        except OSError:  # not empty: other builders are registered
+            pass
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
+def release_all(url: str) -> None:
+    """Remove every entry: the cache is complete, nobody is building it any more."""
+    fs, directory = lock_dir(url)
+    if directory is None:
+        return
+    try:
+        fs.rm(directory, recursive=True)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
