@@ -1,6 +1,6 @@
 """Run the softcache benchmark and keep its figures: ``python benchmarks/run.py [--quick] [--out FILE]``.
 
-The measurements live in ``softcache.bench`` (also ``softcache bench``); this script only adds
+The measurements live in ``softcache._bench`` (also ``softcache bench``); this script only adds
 saving the JSON object next to the printed table, so successive runs can be compared.
 """
 
@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from softcache.bench import format_report, run_bench  # noqa: E402
+from softcache._bench import format_report, run_bench  # noqa: E402
 
 
 def main() -> int:

@@ -14,8 +14,8 @@ import polars as pl
 import torch
 
 from softcache.config import StudentConfig, TrainConfig
-from softcache.store import open_cache
-from softcache.train import train
+from softcache.cache.store import open_cache
+from softcache.student.train import train
 
 
 def main() -> None:

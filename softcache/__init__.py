@@ -2,23 +2,23 @@
 
 The Python API mirrors the CLI: ``build`` and ``synthesize`` (stage 1), ``open_cache``,
 ``train`` (stage 2), ``validate``, ``sign``/``verify``, ``load_pipeline``/``run_pipeline``.
-Submodules go bottom to top: manifest -> store/writer -> build/synth, loader/stream/train ->
-pipeline -> cli.
+The package is laid out by stage: ``cache`` (the format and its I/O) <- ``teacher`` (stage 1),
+``student`` (stage 2) <- ``pipeline`` <- ``_cli``.
 """
 
-__version__ = "0.1.0"
+from softcache._version import __version__
 
-from .build import build  # noqa: E402
-from .config import StudentConfig, SynthConfig, TrainConfig  # noqa: E402
-from .errors import CacheError, SoftcacheError, UsageError  # noqa: E402
-from .loader import SoftLabelDataset  # noqa: E402
-from .pipeline import load_pipeline, run_pipeline  # noqa: E402
-from .sign import sign, verify  # noqa: E402
-from .store import Cache, open_cache  # noqa: E402
-from .stream import StreamLoader, open_loader  # noqa: E402
-from .synth import synthesize  # noqa: E402
-from .train import train  # noqa: E402
-from .validate import validate  # noqa: E402
+from softcache.teacher.build import build  # noqa: E402
+from softcache.config import StudentConfig, SynthConfig, TrainConfig  # noqa: E402
+from softcache.errors import CacheError, SoftcacheError, UsageError  # noqa: E402
+from softcache.student.loaders import SoftLabelDataset  # noqa: E402
+from softcache.pipeline.run import load_pipeline, run_pipeline  # noqa: E402
+from softcache.cache.sign import sign, verify  # noqa: E402
+from softcache.cache.store import Cache, open_cache  # noqa: E402
+from softcache.student.stream import StreamLoader, open_loader  # noqa: E402
+from softcache.teacher.synth import synthesize  # noqa: E402
+from softcache.student.train import train  # noqa: E402
+from softcache.cache.check import validate  # noqa: E402
 
 __all__ = [
     "Cache", "CacheError", "SoftLabelDataset", "SoftcacheError", "StreamLoader", "StudentConfig", "SynthConfig",

@@ -40,9 +40,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import CacheError, UsageError
-from .manifest import Spec, ViewInfo
-from .specs import Trust, call_spec, check_recorded
+from softcache.errors import CacheError, UsageError
+from softcache.cache.manifest import Spec, ViewInfo
+from softcache.spec import Trust, call_spec, check_recorded
 
 PartnerFn = Callable[[torch.Tensor], torch.Tensor]
 """Raw inputs of the given rows (a 1-D int64 tensor) of the split being augmented."""
@@ -602,7 +602,7 @@ def cache_replay(cache: Any, inputs: torch.Tensor, trust: Trust | bool = False) 
 
     The recorded augmentation is data, and it runs whatever inputs the user passed: it is
     checked against softcache's allowlist and ``trust`` before anything is read or imported."""
-    from .store import VIEW_PARAMS
+    from softcache.cache.store import VIEW_PARAMS
 
     views = cache.manifest.views
     if views.replay == "params" and views.augment is not None:

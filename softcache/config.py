@@ -10,7 +10,7 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .manifest import Spec
+from softcache.cache.manifest import Spec
 
 
 class StudentConfig(BaseModel):

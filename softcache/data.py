@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .errors import CacheError, UsageError
-from .manifest import DatasetSource, Spec
-from .specs import call_spec
+from softcache.errors import CacheError, UsageError
+from softcache.cache.manifest import DatasetSource, Spec
+from softcache.spec import call_spec
 
 FINGERPRINT_SAMPLES = 256
 """Rows hashed for a fingerprint: evenly spaced, so any reordering or swapped data is caught

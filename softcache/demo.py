@@ -14,16 +14,16 @@ import polars as pl
 import torch
 from torch import nn
 
-from .build import build
-from .config import StudentConfig, TrainConfig
-from .data import materialize
-from .digits import load
-from .errors import UsageError
-from .loader import MemoryLoader
-from .specs import save_model
-from .store import Cache
-from .train import cached_soft, fit, make_run, predict
-from .train import train as train_students
+from softcache.teacher.build import build
+from softcache.config import StudentConfig, TrainConfig
+from softcache.data import materialize
+from softcache.digits import load
+from softcache.errors import UsageError
+from softcache.student.loaders import MemoryLoader
+from softcache.spec import save_model
+from softcache.cache.store import Cache
+from softcache.student.train import cached_soft, fit, make_run, predict
+from softcache.student.train import train as train_students
 
 TEACHER_SPEC = "softcache.models:teacher_cnn"
 DATA_SPEC = "softcache.digits:load,split=train"
@@ -90,7 +90,7 @@ def run_datafree_demo(workdir: str | Path, *, overwrite: bool = False, device: s
     learns from inputs synthesized from the teacher alone (DeepInversion, then the same inputs
     with one view only, then the Gaussian-noise baseline). Writes ``leaderboard.parquet`` with
     one row per student and the teacher's test accuracy beside each."""
-    from .synth import SynthConfig, synthesize
+    from softcache.teacher.synth import SynthConfig, synthesize
 
     out = _workdir(workdir, overwrite)
     teacher, teacher_acc = train_teacher(seed=seed, device=device)

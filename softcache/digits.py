@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from .errors import UsageError
+from softcache.errors import UsageError
 
 CLASS_NAMES = [str(i) for i in range(10)]
 

@@ -14,9 +14,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .config import StudentConfig, TrainConfig
-from .manifest import Manifest
-from .pipeline import PipelineConfig
+from softcache.config import StudentConfig, TrainConfig
+from softcache.cache.manifest import Manifest
+from softcache.pipeline.run import PipelineConfig
 
 
 def schema_models() -> dict[str, type[BaseModel]]:

@@ -24,12 +24,12 @@ import torch
 import zarr
 from torch import nn
 
-from softcache import store
-from softcache.build import build
-from softcache.cli import main as cli_main
+from softcache.cache import store
+from softcache.teacher.build import build
+from softcache._cli.main import main as cli_main
 from softcache.models import teacher_cnn
-from softcache.specs import save_model
-from softcache.store import Cache
+from softcache.spec import save_model
+from softcache.cache.store import Cache
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from softcache.build import build
+from softcache.teacher.build import build
 from softcache.demo import DATA_SPEC, EVAL_SPEC, TEACHER_SPEC, train_teacher
-from softcache.specs import save_model
-from softcache.store import Cache
+from softcache.spec import save_model
+from softcache.cache.store import Cache
 
 torch.set_num_threads(1)
 

@@ -40,8 +40,8 @@ def warm() -> None:
     """Import what the commands import, so a forked child starts with it in memory."""
     import importlib
 
-    for name in ("softcache", "softcache.cli", "softcache.pipeline", "softcache.validate", "softcache.train",
-                 "softcache.augment", "softcache.specs", "sklearn.datasets", "sklearn.model_selection",
+    for name in ("softcache", "softcache._cli.main", "softcache.pipeline.run", "softcache.cache.check", "softcache.student.train",
+                 "softcache.augment", "softcache.spec", "sklearn.datasets", "sklearn.model_selection",
                  "torch._dynamo", "polars", "safetensors.torch", "zarr", "fsspec"):
         try:
             importlib.import_module(name)

@@ -14,8 +14,8 @@ from torch import nn
 
 from seqkit import load as load_sequences
 from softcache import augment as A
-from softcache.build import build
-from softcache.cli import main
+from softcache.teacher.build import build
+from softcache._cli.main import main
 from softcache.errors import CacheError, UsageError
 
 ROWS, LENGTH, VIEWS = 240, 40, 4

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from softcache.bench import TARGETS, BenchSettings, alternate, format_report, ratio, run_bench
-from softcache.cli import main
+from softcache._bench import TARGETS, BenchSettings, alternate, format_report, ratio, run_bench
+from softcache._cli.main import main
 
 KEYS = ["store_vs_memory_epoch", "streaming_vs_memory_epoch", "online_vs_cached_epoch", "online_vs_cached_ideal",
         "group_vs_separate_speedup", "write_overhead"]

@@ -8,16 +8,16 @@ import pytest
 import torch
 from torch import nn
 
-from softcache import store
-from softcache.build import build
+from softcache.cache import store
+from softcache.teacher.build import build
 from softcache.config import StudentConfig, TrainConfig
 from softcache.demo import DATA_SPEC
 from softcache.digits import load
 from softcache.errors import CacheError, UsageError
-from softcache.specs import load_model
-from softcache.store import Cache, open_cache
-from softcache.train import train
-from softcache.validate import validate
+from softcache.spec import load_model
+from softcache.cache.store import Cache, open_cache
+from softcache.student.train import train
+from softcache.cache.check import validate
 
 
 def test_layout_shapes_and_dtypes(cache: Cache) -> None:
@@ -130,7 +130,7 @@ def test_reading_and_training_never_unpickle(cache: Cache, monkeypatch: pytest.M
 
 
 def test_device_defaults_to_cpu_without_cuda_and_refuses_missing_cuda() -> None:
-    from softcache.specs import resolve_device
+    from softcache.spec import resolve_device
 
     if torch.cuda.is_available():
         assert resolve_device(None).type == "cuda"

@@ -25,7 +25,11 @@ from batchkit import (  # noqa: F401 - fixtures
     teacher_file,
 )
 
-from softcache import buildlock, store, validate
+from softcache.cache import lock as buildlock
+
+from softcache.cache import store
+
+from softcache.cache.check import validate
 from softcache.errors import UsageError
 
 GATED = '''

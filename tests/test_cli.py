@@ -74,7 +74,7 @@ def test_recorded_specs_rebuild_the_same_cache(demo_dir: Path, tmp_path: Path) -
     manifest = json.loads(sc("inspect", str(demo_dir / "cache.zarr"), "--json").stdout)["manifest"]
     spec = lambda s: ",".join([s["target"], *(f"{k}={v}" for k, v in s["kwargs"].items())])  # noqa: E731
     out = tmp_path / "rebuilt.zarr"
-    from softcache.location import Location, resolve_recorded  # paths are recorded relative to the cache
+    from softcache.cache.location import Location, resolve_recorded  # paths are recorded relative to the cache
 
     teacher = manifest["teacher"]["spec"]
     teacher = {**teacher, "target": resolve_recorded(teacher["target"], Location.of(str(demo_dir / "cache.zarr")))}
@@ -130,7 +130,7 @@ def test_errors_are_one_line(demo_dir: Path, tmp_path: Path, args: list[str], co
 
 def test_a_multi_line_message_is_still_one_error_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    from softcache.cli import main
+    from softcache._cli.main import main
 
     (tmp_path / "multiline_spec.py").write_text("def boom(**kw):\n    raise TypeError('line one\\nline two')\n")
     monkeypatch.syspath_prepend(str(tmp_path))

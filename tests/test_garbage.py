@@ -17,11 +17,11 @@ import torch
 import zarr
 from torch import nn
 
-from softcache.build import build
+from softcache.teacher.build import build
 from softcache.config import StudentConfig, TrainConfig
 from softcache.digits import LabelledTensors, load
 from softcache.errors import CacheError
-from softcache.train import TEMPERATURE_RANGE, train
+from softcache.student.train import TEMPERATURE_RANGE, train
 
 ROWS = 320
 KD = StudentConfig(spec="softcache.models:mlp,hidden=8", alpha=0.9)
@@ -56,7 +56,7 @@ def copy(base: Path, tmp_path: Path) -> Path:
 @pytest.fixture()
 def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
     """The refusal must come before any student trains: fitting at all is a failure."""
-    module = importlib.import_module("softcache.train")  # the package exports a function of that name
+    module = importlib.import_module("softcache.student.train")  # the package exports a function of that name
 
     def fit(*args: object, **kwargs: object) -> None:
         raise AssertionError("a student trained on a cache that should have been refused")
@@ -100,9 +100,9 @@ def test_nonfinite_soft_labels_are_refused_naming_count_and_rows(copy: Path, loa
 
 
 def test_the_stream_scan_holds_one_group_of_chunks_at_a_time(copy: Path) -> None:
-    from softcache.loader import nonfinite_rows
-    from softcache.store import open_cache
-    from softcache.stream import StreamLoader
+    from softcache.student.loaders import nonfinite_rows
+    from softcache.cache.store import open_cache
+    from softcache.student.stream import StreamLoader
 
     tamper(copy, "soft_labels", lambda v: v.__setitem__((130, 0, 1), np.nan))
     loader = StreamLoader(open_cache(str(copy)), batch_size=32, buffer_chunks=2)

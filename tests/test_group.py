@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from softcache.config import StudentConfig, TrainConfig
-from softcache.group import LossSettings, StudentGroup, plan_groups, stacked_loss
-from softcache.loader import MemoryLoader
-from softcache.loss import distillation_loss, rescale
-from softcache.train import cached_soft, fit, make_run, train
+from softcache.student.stacked import LossSettings, StudentGroup, plan_groups, stacked_loss
+from softcache.student.loaders import MemoryLoader
+from softcache.student.loss import distillation_loss, rescale
+from softcache.student.train import cached_soft, fit, make_run, train
 
 MLP = "softcache.models:mlp,hidden=16"
 CNN = "softcache.models:tiny_cnn,channels=4"
@@ -154,7 +154,7 @@ def test_unstackable_layers_fall_back_to_one_by_one(batches, monkeypatch):
 
 
 def test_train_leaderboard_is_the_same_grouped_or_not(batches, tmp_path):
-    from softcache.build import build
+    from softcache.teacher.build import build
     from softcache.digits import LabelledTensors
 
     data = LabelledTensors(batches.inputs, batches.labels.clamp(min=0), None, {"rows": N})

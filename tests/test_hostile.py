@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import zarr
 
-from softcache.build import build
+from softcache.teacher.build import build
 from softcache.demo import DATA_SPEC, EVAL_SPEC
 
 TESTS = Path(__file__).resolve().parent
@@ -154,7 +154,7 @@ def write_json(path: Path, meta: dict[str, Any]) -> None:
 
 def rekey(manifest: dict[str, Any]) -> None:
     """Recompute the cache key as a sender who edits the manifest would (when it still parses)."""
-    from softcache.manifest import Manifest, compute_cache_key
+    from softcache.cache.manifest import Manifest, compute_cache_key
 
     try:
         m = Manifest.model_validate(manifest)
@@ -196,7 +196,7 @@ def reseal(cache: Path) -> None:
     """Finalize again, as a sender with softcache would after editing values, so consolidated
     metadata and any digest a finalize records match the edited chunks. If finalize refuses,
     the cache is put back to complete as it was: the reader must refuse it by itself."""
-    from softcache.distributed import finalize
+    from softcache.cache.shards import finalize
     from softcache.errors import SoftcacheError
 
     edit_manifest(cache, lambda m: m["status"].update(state="building"), key=False)

@@ -1,7 +1,7 @@
 """A cache is untrusted input: reads are bounded, every chunk is verified, nothing missing reads as zeros.
 
 Each hostile cache is made from a real cache (``conftest.cache``: a digits teacher run by
-``softcache.build``) by editing its files the way a careless or hostile sender would. Cases that
+``softcache.teacher.build``) by editing its files the way a careless or hostile sender would. Cases that
 would exhaust memory if a check regressed run in a subprocess under a 3 GiB address-space limit,
 so a regression fails the test instead of taking the machine down.
 """
@@ -25,14 +25,14 @@ import pytest
 import zarr
 
 from batchkit import cli_env, main
-from softcache import store
-from softcache.distributed import finalize
+from softcache.cache import store
+from softcache.cache.shards import finalize
 from softcache.errors import CacheError
-from softcache.guard import MAX_CHUNKS, ROOT_METADATA_LIMIT
-from softcache.manifest import Manifest
-from softcache.store import Cache, UnverifiedCacheWarning, open_cache
-from softcache.train import train
-from softcache.validate import validate
+from softcache.cache.guard import MAX_CHUNKS, ROOT_METADATA_LIMIT
+from softcache.cache.manifest import Manifest
+from softcache.cache.store import Cache, UnverifiedCacheWarning, open_cache
+from softcache.student.train import train
+from softcache.cache.check import validate
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "cache_v0_1_0.zarr"
 STUDENT = "softcache.models:mlp,hidden=8"
@@ -94,7 +94,7 @@ RUNNER = """
 import contextlib, io, json, resource, sys, time
 limit = int(sys.argv[1])
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-from softcache.cli import main
+from softcache._cli.main import main
 results = []
 for argv in json.loads(sys.argv[2]):
     out, err = io.StringIO(), io.StringIO()

@@ -28,11 +28,11 @@ import torch
 from torch import nn
 
 from softcache.config import StudentConfig
-from softcache.group import LossSettings, StudentGroup, plan_groups, stacked_loss
-from softcache.loader import MemoryLoader
-from softcache.store import Cache
-from softcache.stream import open_loader
-from softcache.train import StudentRun, cached_soft, fit, make_run, predict
+from softcache.student.stacked import LossSettings, StudentGroup, plan_groups, stacked_loss
+from softcache.student.loaders import MemoryLoader
+from softcache.cache.store import Cache
+from softcache.student.stream import open_loader
+from softcache.student.train import StudentRun, cached_soft, fit, make_run, predict
 
 MLP = "softcache.models:mlp,hidden=32"
 CNN = "softcache.models:tiny_cnn,channels=4"

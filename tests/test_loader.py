@@ -11,15 +11,15 @@ import pytest
 import torch
 from torch import nn
 
-import softcache.stream as stream
+import softcache.student.stream as stream
 from softcache.augment import cache_replay
-from softcache.build import build
+from softcache.teacher.build import build
 from softcache.config import StudentConfig, TrainConfig
 from softcache.digits import LabelledTensors
 from softcache.errors import UsageError
-from softcache.loader import MemoryLoader
-from softcache.store import Cache
-from softcache.stream import (
+from softcache.student.loaders import MemoryLoader
+from softcache.cache.store import Cache
+from softcache.student.stream import (
     Prefetcher,
     StreamLoader,
     choose_mode,
@@ -28,7 +28,7 @@ from softcache.stream import (
     open_loader,
     parse_size,
 )
-from softcache.train import train
+from softcache.student.train import train
 
 ROWS, CHUNK = 500, 64  # 8 chunks, the last one short (52 rows)
 

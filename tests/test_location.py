@@ -19,9 +19,9 @@ import pytest
 import zarr
 from batchkit import EVAL, main, tiny_teacher
 
-from softcache import store
+from softcache.cache import store
 from softcache.errors import CacheError, UsageError
-from softcache.location import (
+from softcache.cache.location import (
     DEFAULT_TIMEOUT,
     TIMEOUT_ENV,
     Location,
@@ -33,7 +33,7 @@ from softcache.location import (
     resolve_recorded,
     timeout_scope,
 )
-from softcache.specs import load_model, save_model, weights_digest
+from softcache.spec import load_model, save_model, weights_digest
 
 SECRET = "hunter2-s3cr3t"
 

@@ -5,7 +5,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from softcache.loss import distillation_loss, rescale
+from softcache.student.loss import distillation_loss, rescale
 
 
 def test_matches_hinton_formula() -> None:

@@ -7,9 +7,9 @@ import jsonschema
 import pytest
 
 from softcache.errors import CacheError, UsageError
-from softcache.manifest import SCHEMA_VERSION, Manifest, Spec
+from softcache.cache.manifest import SCHEMA_VERSION, Manifest, Spec
 from softcache.schemas import render, schema_models
-from softcache.store import Cache
+from softcache.cache.store import Cache
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
 

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import torch
 
-from softcache.build import build
+from softcache.teacher.build import build
 from softcache.config import StudentConfig
 from softcache.data import materialize
 from softcache.digits import load
-from softcache.loader import MemoryLoader
-from softcache.specs import load_model
-from softcache.train import cached_soft, fit, make_run, online_soft
+from softcache.student.loaders import MemoryLoader
+from softcache.spec import load_model
+from softcache.student.train import cached_soft, fit, make_run, online_soft
 
 
 def test_cached_equals_live_teacher(teacher_path: Path, tmp_path: Path) -> None:

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from batchkit import REPO, cli, cli_env, main
 
-from softcache import store
-from softcache.distributed import TargetMismatch
+from softcache.cache import store
+from softcache.cache.shards import TargetMismatch
 from softcache.errors import UsageError
-from softcache.pipeline import (
+from softcache.pipeline.run import (
     PipelineConfig,
     SweepGrid,
     apply_set,
@@ -25,7 +25,7 @@ from softcache.pipeline import (
 )
 from softcache.progress import Progress
 from softcache.schemas import render
-from softcache.validate import validate
+from softcache.cache.check import validate
 
 PIPELINES = sorted((REPO / "pipelines").glob("*.toml"))
 DIGITS = REPO / "pipelines" / "digits.toml"

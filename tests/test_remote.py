@@ -28,7 +28,7 @@ from batchkit import (  # noqa: F401 - fixtures
     teacher_file,
 )
 
-from softcache import store
+from softcache.cache import store
 from softcache.errors import CacheError, UsageError
 
 s3fs = pytest.importorskip("s3fs")

@@ -28,9 +28,9 @@ from batchkit import (  # noqa: F401 - fixtures
     teacher_file,
 )
 
-from softcache import store
+from softcache.cache import store
 from softcache.errors import UsageError
-from softcache.validate import validate
+from softcache.cache.check import validate
 
 SLOW_TEACHER = "batchkit:slow_teacher,delay=0.02"
 

@@ -20,9 +20,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from test_remote import HttpServer, S3Server, http_root, s3  # noqa: F401 - fixtures
 
 import softcache
-from softcache import store
+from softcache.cache import store
 from softcache.errors import CacheError, UsageError
-from softcache.manifest import MANIFEST_ATTR
+from softcache.cache.manifest import MANIFEST_ATTR
 
 STUDENT = "softcache.models:mlp,hidden=8"
 

@@ -8,14 +8,14 @@ import polars as pl
 import pytest
 import torch
 
-from softcache.cli import main
+from softcache._cli.main import main
 from softcache.config import StudentConfig, TrainConfig
 from softcache.demo import EVAL_SPEC, run_datafree_demo
 from softcache.errors import UsageError
 from softcache.models import tiny_cnn
-from softcache.specs import load_model
-from softcache.store import open_cache
-from softcache.synth import (
+from softcache.spec import load_model
+from softcache.cache.store import open_cache
+from softcache.teacher.synth import (
     SynthConfig,
     SynthWarning,
     _Probes,
@@ -24,8 +24,8 @@ from softcache.synth import (
     synthesize,
     synthesize_inputs,
 )
-from softcache.train import train
-from softcache.validate import validate
+from softcache.student.train import train
+from softcache.cache.check import validate
 
 SHAPE = [1, 8, 8]
 SMALL = SynthConfig(steps=60, batch_size=100, input_range=(0.0, 1.0))

@@ -15,13 +15,13 @@ import pytest
 import torch
 from torch import nn
 
-from softcache.build import build
+from softcache.teacher.build import build
 from softcache.config import StudentConfig, TrainConfig
 from softcache.digits import LabelledTensors, load
 from softcache.errors import UsageError
-from softcache.train import train
+from softcache.student.train import train
 
-MODULE = importlib.import_module("softcache.train")  # the package exports a function of that name
+MODULE = importlib.import_module("softcache.student.train")  # the package exports a function of that name
 QUICK = TrainConfig(epochs=1, batch_size=64)
 
 

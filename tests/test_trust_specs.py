@@ -17,13 +17,13 @@ import pytest
 import zarr
 from batchkit import EVAL, main, tiny_teacher
 
-from softcache.build import build
+from softcache.teacher.build import build
 from softcache.config import TrainConfig
 from softcache.demo import DATA_SPEC, DATAFREE_AUGMENT, EVAL_SPEC, MLP, TEACHER_SPEC, TINY
 from softcache.errors import CacheError, UsageError
-from softcache.manifest import Manifest, Spec, compute_cache_key
+from softcache.cache.manifest import Manifest, Spec, compute_cache_key
 from softcache.models import mlp
-from softcache.specs import (
+from softcache.spec import (
     RECORDED_TARGETS,
     TRUSTED_MODULES_ENV,
     Trust,
@@ -33,9 +33,9 @@ from softcache.specs import (
     save_model,
     spec_problems,
 )
-from softcache.store import Cache
-from softcache.train import train
-from softcache.validate import validate
+from softcache.cache.store import Cache
+from softcache.student.train import train
+from softcache.cache.check import validate
 
 AUGMENT = "softcache.augment:compose,shift=1"
 _names = itertools.count()

@@ -13,10 +13,10 @@ from torch.utils.data import DataLoader
 
 from softcache.digits import load
 from softcache.errors import CacheError
-from softcache.loader import SoftLabelDataset
-from softcache.manifest import SCHEMA_VERSION
-from softcache.store import Cache, open_cache
-from softcache.validate import validate
+from softcache.student.loaders import SoftLabelDataset
+from softcache.cache.manifest import SCHEMA_VERSION
+from softcache.cache.store import Cache, open_cache
+from softcache.cache.check import validate
 
 
 @pytest.fixture()

@@ -10,18 +10,18 @@ import torch
 from torch import nn
 
 from softcache import augment as A
-from softcache.build import build
-from softcache.cli import main
+from softcache.teacher.build import build
+from softcache._cli.main import main
 from softcache.demo import EVAL_SPEC
 from softcache.config import TrainConfig
 from softcache.digits import LabelledTensors, load
 from softcache.errors import UsageError
-from softcache.loader import MemoryLoader
-from softcache.manifest import Spec
+from softcache.student.loaders import MemoryLoader
+from softcache.cache.manifest import Spec
 from softcache.models import tiny_cnn
-from softcache.store import VIEW_PARAMS, open_cache
-from softcache.train import train
-from softcache.validate import validate
+from softcache.cache.store import VIEW_PARAMS, open_cache
+from softcache.student.train import train
+from softcache.cache.check import validate
 
 ROWS = 300
 CHAIN = "softcache.augment:compose,crop=0.6,flip=0.5,shift=1,cutmix=1.0"

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from softcache.build import build
+from softcache.teacher.build import build
 from softcache.digits import LabelledTensors
-from softcache.validate import validate
-from softcache.writer import ChunkWriter
+from softcache.cache.check import validate
+from softcache.cache.writer import ChunkWriter
 
 
 def _blocks(sizes: list[int], start: int = 0) -> list[dict[str, np.ndarray]]:

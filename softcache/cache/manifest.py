@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator
 
-from .errors import CacheError, UsageError, first_validation_error
+from softcache.errors import CacheError, UsageError, first_validation_error
 
 SCHEMA_VERSION = 1
 """Bumped on any change an older reader could misread. Readers refuse newer versions."""

@@ -85,12 +85,12 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from .config import StudentConfig, SynthConfig, TrainConfig
-from .errors import UsageError, first_validation_error
-from .manifest import Spec, now_iso
+from softcache.config import StudentConfig, SynthConfig, TrainConfig
+from softcache.errors import UsageError, first_validation_error
+from softcache.cache.manifest import Spec, now_iso
 
 if TYPE_CHECKING:
-    from .specs import Trust
+    from softcache.spec import Trust
 
 
 def _to_spec(value: object) -> object:
@@ -331,8 +331,8 @@ def digits_teacher(path: str, seed: int = 0, epochs: int = 30, device: str | Non
     """Train the digits teacher (as ``softcache demo`` does) and save it as safetensors at ``path``.
 
     A ``[teacher.make]`` target: it returns what it measured for the run summary."""
-    from .demo import TEACHER_SPEC, train_teacher
-    from .specs import save_model
+    from softcache.demo import TEACHER_SPEC, train_teacher
+    from softcache.spec import save_model
 
     model, accuracy = train_teacher(seed=seed, epochs=epochs, device=device)
     save_model(model, path, TEACHER_SPEC)
@@ -365,7 +365,7 @@ def _teacher_stage(cfg: PipelineConfig, sharded: bool) -> StageResult:
                          "(softcache run FILE --only teacher)")
     if "://" in target:
         raise UsageError(f"[teacher.make] writes local files; {target} is a URL")
-    from .specs import call_spec
+    from softcache.spec import call_spec
 
     start = time.perf_counter()
     Path(target).parent.mkdir(parents=True, exist_ok=True)
@@ -384,8 +384,8 @@ def _teacher_stage(cfg: PipelineConfig, sharded: bool) -> StageResult:
 def _build_stage(cfg: PipelineConfig, shard: str | None, progress: bool,
                  trust: Trust | None = None) -> tuple[StageResult, bool]:
     """Build, resume or skip the cache; returns the result and whether the cache is complete."""
-    from .build import build
-    from .distributed import TargetMismatch
+    from softcache.teacher.build import build
+    from softcache.cache.shards import TargetMismatch
 
     if cfg.synthesis is not None:
         return _synthesis_stage(cfg, shard, progress)
@@ -419,8 +419,8 @@ def _build_stage(cfg: PipelineConfig, shard: str | None, progress: bool,
 
 def _synthesis_stage(cfg: PipelineConfig, shard: str | None, progress: bool) -> tuple[StageResult, bool]:
     """Synthesize the data-free cache, or skip it when it is already there with the same key."""
-    from .distributed import resolve_shard
-    from .synth import synthesize
+    from softcache.cache.shards import resolve_shard
+    from softcache.teacher.synth import synthesize
 
     if resolve_shard(shard).count > 1:
         raise UsageError("a data-free pipeline synthesizes in one process; run it without --shard")
@@ -456,8 +456,8 @@ STAGE_FILE = "stage.json"
 def _train_stage(cfg: PipelineConfig, stage: TrainStage, progress: bool, trust: Trust | None = None) -> StageResult:
     import polars as pl
 
-    from .store import open_cache
-    from .train import train
+    from softcache.cache.store import open_cache
+    from softcache.student.train import train
 
     name = f"train:{stage.name}"
     out = Path(cfg.path(stage.out or stage.name))
@@ -475,7 +475,7 @@ def _train_stage(cfg: PipelineConfig, stage: TrainStage, progress: bool, trust: 
     own = cfg.data
     data = str(own.train) if own is not None and not cache.train.has_inputs else None
     eval_data = stage.eval_data or (own.eval if own is not None and cache.eval is not None else None)
-    from .specs import Trust
+    from softcache.spec import Trust
 
     # the augmentation this file names is the user's own choice; any other recorded one is checked
     policy = (trust or Trust.from_user()).with_specs([cfg.cache.augment] if cfg.cache.augment is not None else [])
@@ -513,7 +513,7 @@ def run_pipeline(cfg: PipelineConfig, *, only: str | Sequence[str] | None = None
 
     ``trust`` (default ``Trust.from_user()``) says which modules of the user's a weights file's
     architecture or a cache's SPECs may name; the file's own augmentation is trusted as named."""
-    from .distributed import resolve_shard
+    from softcache.cache.shards import resolve_shard
 
     chosen = set(select_stages(cfg, only))
     sharded = resolve_shard(shard).count > 1

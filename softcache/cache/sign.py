@@ -41,7 +41,7 @@ from typing import Any
 
 import fsspec
 
-from .errors import CacheError, UsageError
+from softcache.errors import CacheError, UsageError
 
 SIGNATURE_SUFFIX = ".sig"
 HASH = "sha256"
@@ -191,8 +191,7 @@ def _local_digests(loc: SignedTarget, ignore: frozenset[str]) -> dict[str, str]:
 
 
 def _complete_manifest(url: str) -> Any:
-    from . import store
-
+    from softcache.cache import store
     found = store.peek_manifest(url)
     if found is None:
         raise CacheError(f"{url}: no cache there (no zarr.json)")
@@ -207,8 +206,7 @@ def sign(url: str, key: str | os.PathLike[str], *, signature: str | os.PathLike[
     """Sign the complete cache at ``url`` with an EC private key (PEM) and write the signature
     beside it (``url + ".sig"`` unless ``signature`` says where). Returns what was signed:
     ``url``, ``signature``, ``key_id`` (SHA-256 of the public key), ``files``, ``cache_key``."""
-    from . import store
-
+    from softcache.cache import store
     if store.is_readonly(url):
         raise UsageError(f"{url}: http(s) caches are read-only; sign the cache where it is written")
     loc = SignedTarget.of(url, signature)
@@ -309,8 +307,7 @@ def verification(url: str, key: str | os.PathLike[str], *,
     problem = _difference(expected, actual)
     if problem:
         return {**result, "files": len(expected), "reason": problem}
-    from . import store
-
+    from softcache.cache import store
     found = store.peek_manifest(url)
     return {**result, "verified": True, "files": len(expected), "cache_key": found.cache_key if found else None}
 

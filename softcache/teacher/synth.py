@@ -39,16 +39,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from . import store
-from .augment import resolve_views
-from .build import DEFAULT_CHUNK_ROWS, BuildPlan, block_source, make_manifest, parse_storage, run_build, teacher_info
-from .config import SynthConfig
-from .data import describe, load_dataset
-from .digits import LabelledTensors
-from .errors import UsageError
-from .manifest import Spec, SynthesisSource
-from .progress import Progress
-from .specs import load_model, probe_model, resolve_device
+from softcache.cache import store
+from softcache.augment import resolve_views
+from softcache.teacher.build import DEFAULT_CHUNK_ROWS, BuildPlan, block_source, make_manifest, parse_storage, run_build, teacher_info
+from softcache.config import SynthConfig
+from softcache.data import describe, load_dataset
+from softcache.digits import LabelledTensors
+from softcache.errors import UsageError
+from softcache.cache.manifest import Spec, SynthesisSource
+from softcache.progress import Progress
+from softcache.spec import load_model, probe_model, resolve_device
 
 NO_BATCHNORM_WARNING = (
     "teacher has no BatchNorm layers: synthesis falls back to class targets, image priors and diversity only "

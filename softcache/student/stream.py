@@ -5,7 +5,7 @@ chunk), so batches are never fancy-indexed from the store. Two modes remain:
 
 ``memory``
     soft labels read whole-chunk into one tensor, batches are tensor indexing
-    (:class:`~softcache.loader.MemoryLoader`). Chosen by ``auto`` when they fit the memory budget.
+    (:class:`~softcache.student.loaders.MemoryLoader`). Chosen by ``auto`` when they fit the memory budget.
 ``stream``
     for caches larger than RAM (:class:`StreamLoader`). Per epoch the chunk order is shuffled;
     chunks are taken ``buffer_chunks`` at a time, each group decoded once (adjacent chunks in
@@ -60,10 +60,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from zarr.buffer.cpu import NDBuffer
 
-from . import store
-from .errors import CacheError, UsageError
-from .loader import Batch, MemoryLoader, views_of
-from .store import Cache, Split
+from softcache.cache import store
+from softcache.errors import CacheError, UsageError
+from softcache.student.loaders import Batch, MemoryLoader, views_of
+from softcache.cache.store import Cache, Split
 
 LoaderMode = Literal["auto", "memory", "stream"]
 DEFAULT_BUFFER_CHUNKS = 4
@@ -456,7 +456,7 @@ class StreamLoader:
 
     def soft_blocks(self) -> Iterator[tuple[int, np.ndarray]]:
         """The stored soft labels in ``(first_row, values)`` blocks, for
-        :func:`~softcache.loader.nonfinite_rows`: one extra read of the store, within the
+        :func:`~softcache.student.loaders.nonfinite_rows`: one extra read of the store, within the
         loader's memory bound (one group at a time, in this process)."""
         return self.source.blocks()
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from . import store
-from .errors import CacheError
-from .manifest import Manifest, compute_cache_key
-from .specs import recorded_spec_problems
+from softcache.cache import store
+from softcache.errors import CacheError
+from softcache.cache.manifest import Manifest, compute_cache_key
+from softcache.spec import recorded_spec_problems
 
 
 def _check_contents(check: store.CacheCheck, manifest: Manifest, prefix: str, errors: list[str], deep: bool) -> None:

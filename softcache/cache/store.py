@@ -39,10 +39,12 @@ import fsspec
 import numpy as np
 import zarr
 
-from . import buildlock, guard
-from .errors import CacheError, UsageError
-from .location import Location, redact_text
-from .manifest import MANIFEST_ATTR, Manifest
+from softcache.cache import lock as buildlock
+
+from softcache.cache import guard
+from softcache.errors import CacheError, UsageError
+from softcache.cache.location import Location, redact_text
+from softcache.cache.manifest import MANIFEST_ATTR, Manifest
 
 SOFT = "soft_labels"
 INDEX = "sample_index"

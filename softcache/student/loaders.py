@@ -2,7 +2,7 @@
 
 Random row access into a chunked store touches nearly every chunk per batch, so nothing here
 fancy-indexes the store: soft labels are read whole-chunk into RAM and batches are tensor
-indexing. Caches larger than RAM stream chunk-shuffled instead (``softcache.stream``), which
+indexing. Caches larger than RAM stream chunk-shuffled instead (``softcache.student.stream``), which
 also chooses between the two modes.
 """
 
@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .data import check_matches
-from .errors import CacheError
-from .store import Split
+from softcache.data import check_matches
+from softcache.errors import CacheError
+from softcache.cache.store import Split
 
 
 @dataclass

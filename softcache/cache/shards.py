@@ -44,9 +44,11 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 import zarr
 
-from . import buildlock, store
-from .errors import CacheError, SoftcacheError, UsageError
-from .manifest import MANIFEST_ATTR, Integrity, Manifest, now_iso
+from softcache.cache import lock as buildlock
+
+from softcache.cache import store
+from softcache.errors import CacheError, SoftcacheError, UsageError
+from softcache.cache.manifest import MANIFEST_ATTR, Integrity, Manifest, now_iso
 
 T = TypeVar("T")
 TargetState = Literal["created", "joined", "complete"]

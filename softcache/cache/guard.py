@@ -48,7 +48,7 @@ from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import WrapperStore
 
-from .errors import CacheError
+from softcache.errors import CacheError
 
 T = TypeVar("T")
 

@@ -38,8 +38,8 @@ from typing import Any
 
 import fsspec
 
-from .errors import UsageError
-from .manifest import now_iso
+from softcache.errors import UsageError
+from softcache.cache.manifest import now_iso
 
 LOCK_SUFFIX = ".building"
 REFRESH_S = 15.0

@@ -25,9 +25,9 @@ from urllib.parse import urlsplit
 import torch
 from torch import nn
 
-from .errors import CacheError, SoftcacheError, UsageError
-from .location import Location, redact
-from .manifest import DatasetSource, Manifest, Spec
+from softcache.errors import CacheError, SoftcacheError, UsageError
+from softcache.cache.location import Location, redact
+from softcache.cache.manifest import DatasetSource, Manifest, Spec
 
 ARCH_KEY = "softcache.arch"
 

@@ -22,20 +22,20 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .config import StudentConfig, TrainConfig
-from .data import check_matches, load_dataset, materialize
-from .errors import CacheError, UsageError
-from .augment import cache_replay
-from .group import grouped
-from .loader import Batch, MemoryLoader, nonfinite_rows
-from .loss import distillation_loss, rescale
-from .manifest import DatasetSource
-from .progress import Progress
-from .manifest import Spec
-from .specs import (Trust, check_recorded, load_model, num_parameters, probe_model, require_trusted,
+from softcache.config import StudentConfig, TrainConfig
+from softcache.data import check_matches, load_dataset, materialize
+from softcache.errors import CacheError, UsageError
+from softcache.augment import cache_replay
+from softcache.student.stacked import grouped
+from softcache.student.loaders import Batch, MemoryLoader, nonfinite_rows
+from softcache.student.loss import distillation_loss, rescale
+from softcache.cache.manifest import DatasetSource
+from softcache.progress import Progress
+from softcache.cache.manifest import Spec
+from softcache.spec import (Trust, check_recorded, load_model, num_parameters, probe_model, require_trusted,
                     resolve_device, save_model)
-from .store import Cache, _holds_manifest, open_cache
-from .stream import StreamLoader, open_loader
+from softcache.cache.store import Cache, _holds_manifest, open_cache
+from softcache.student.stream import StreamLoader, open_loader
 
 SoftSource = Callable[[Batch], torch.Tensor | None]
 """Gives the teacher's ``z / T_cache`` for a batch: read from the cache, or from a live teacher."""
@@ -90,7 +90,7 @@ def fit(runs: Sequence[StudentRun], loader: MemoryLoader | StreamLoader, epochs:
     """The training pass: each batch is produced once and every student takes a step on it.
 
     With ``group`` students that share an architecture step together as one vectorized model
-    (``softcache.group``); each ends with the weights it would have reached alone.
+    (``softcache.student.stacked``); each ends with the weights it would have reached alone.
     """
     with Progress(total=epochs * len(loader), desc="train", enabled=progress, unit="steps") as bar, \
             grouped(runs, enabled=group) as steppers:
@@ -237,7 +237,7 @@ def train(
     not finite stop the call before any student takes a step. ``out_dir`` receives
     ``students/*.safetensors`` and ``leaderboard.parquet`` together or not at all; earlier
     results there are replaced only with ``overwrite``. With ``verify_key`` (an EC public key,
-    PEM) the cache must match its signature (``softcache.sign``) before anything else is done.
+    PEM) the cache must match its signature (``softcache.cache.sign``) before anything else is done.
     """
     cfg = config or TrainConfig()
     configs = [s if isinstance(s, StudentConfig) else StudentConfig(spec=s) for s in students]
@@ -245,7 +245,7 @@ def train(
         raise UsageError("no students to train")
     out = _results_target(out_dir, overwrite) if out_dir is not None else None
     if verify_key is not None:
-        from .sign import verify
+        from softcache.cache.sign import verify
 
         verify(cache.url if isinstance(cache, Cache) else str(cache), verify_key)
     opened = cache if isinstance(cache, Cache) else open_cache(cache)

@@ -16,8 +16,8 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from .errors import CacheError, SoftcacheError, UsageError, first_validation_error
-from .location import is_timeout, redact_text, timeout_scope
+from softcache.errors import CacheError, SoftcacheError, UsageError, first_validation_error
+from softcache.cache.location import is_timeout, redact_text, timeout_scope
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -49,13 +49,13 @@ def _trust_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _trust(args: argparse.Namespace) -> Any:
-    from .specs import Trust
+    from softcache.spec import Trust
 
     return Trust.from_user(args.trust_module, cache_specs=getattr(args, "trust_cache_specs", False))
 
 
 def _emit(obj: Any, as_json: bool, human: str) -> None:
-    from .location import redact_text
+    from softcache.cache.location import redact_text
 
     print(redact_text(json.dumps(obj, indent=2, default=str) if as_json else human))
 
@@ -63,7 +63,7 @@ def _emit(obj: Any, as_json: bool, human: str) -> None:
 def _cmd_build(args: argparse.Namespace) -> int:
     import warnings
 
-    from .build import build
+    from softcache.teacher.build import build
 
     start = time.perf_counter()
     with warnings.catch_warnings():
@@ -90,7 +90,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 def _warning_lines(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                    file: Any = None, line: str | None = None) -> None:
     """Library warnings as one line with the contract's prefix (they say what to expect)."""
-    from .location import redact_text
+    from softcache.cache.location import redact_text
 
     print(f"softcache: warning: {_one_line(redact_text(str(message)))}", file=sys.stderr, flush=True)
 
@@ -102,7 +102,7 @@ def _one_line(text: str) -> str:
 
 def _synth_flags(p: argparse.ArgumentParser) -> None:
     """One flag per SynthConfig field, so the CLI, the API and pipeline files cannot drift."""
-    from .config import SynthConfig
+    from softcache.config import SynthConfig
 
     for name, field in SynthConfig.model_fields.items():
         flag, what = "--" + name.replace("_", "-"), f"{field.description or name} (default {field.default})"
@@ -119,8 +119,8 @@ def _cmd_synthesize(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
-    from .config import SynthConfig
-    from .synth import SynthWarning, synthesize
+    from softcache.config import SynthConfig
+    from softcache.teacher.synth import SynthWarning, synthesize
 
     given = {name: getattr(args, name) for name in SynthConfig.model_fields if getattr(args, name) is not None}
     if "input_range" in given:
@@ -160,7 +160,7 @@ def _cmd_synthesize(args: argparse.Namespace) -> int:
 
 
 def _cmd_finalize(args: argparse.Namespace) -> int:
-    from .build import finalize
+    from softcache.teacher.build import finalize
 
     manifest = finalize(args.url)
     obj = {"url": args.url, "complete": True, "cache_key": manifest.cache_key, "rows": manifest.layout.rows,
@@ -171,8 +171,8 @@ def _cmd_finalize(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline import load_pipeline, run_pipeline, summary
-    from .train import format_board
+    from softcache.pipeline.run import load_pipeline, run_pipeline, summary
+    from softcache.student.train import format_board
 
     start = time.perf_counter()
     cfg = load_pipeline(args.file, args.set or [])
@@ -196,8 +196,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _verify_pipeline_cache(cfg: Any, only: str | None, key: str) -> None:
     """``run --verify-key``: the pipeline's cache came from elsewhere, so it is checked before the
     train stages; a run that builds the cache itself has nothing to verify."""
-    from .pipeline import select_stages
-    from .sign import verify
+    from softcache.pipeline.run import select_stages
+    from softcache.cache.sign import verify
 
     if "build" in select_stages(cfg, only):
         raise UsageError("--verify-key checks a cache received from elsewhere, but this run builds the cache; "
@@ -206,7 +206,7 @@ def _verify_pipeline_cache(cfg: Any, only: str | None, key: str) -> None:
 
 
 def _cmd_sign(args: argparse.Namespace) -> int:
-    from .sign import sign
+    from softcache.cache.sign import sign
 
     result = sign(args.url, args.key, signature=args.signature)
     _emit(result, args.json, f"signed {result['url']}: {result['files']} files, key {result['key_id'][:16]}, "
@@ -215,7 +215,7 @@ def _cmd_sign(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from .sign import verification
+    from softcache.cache.sign import verification
 
     result = verification(args.url, args.key, signature=args.signature)
     if result["verified"]:
@@ -232,7 +232,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def student_grid(specs: Sequence[str], temperatures: Sequence[float], alphas: Sequence[float], lrs: Sequence[float],
                  seeds: Sequence[int], label_smoothing: float) -> list[Any]:
     """Every spec x T x alpha x lr x seed; alpha 0 ignores T, so it appears once."""
-    from .config import StudentConfig
+    from softcache.config import StudentConfig
 
     configs: list[StudentConfig] = []
     seen: set[tuple[Any, ...]] = set()
@@ -248,8 +248,8 @@ def student_grid(specs: Sequence[str], temperatures: Sequence[float], alphas: Se
 def _cmd_train(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from .config import TrainConfig
-    from .train import format_board, train
+    from softcache.config import TrainConfig
+    from softcache.student.train import format_board, train
 
     try:
         students = student_grid(args.student, args.temperature, args.alpha, args.lr, args.seed, args.label_smoothing)
@@ -258,10 +258,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
                              workers=args.workers, start_method=args.start_method, group=not args.no_group)
     except ValidationError as exc:
         raise UsageError(first_validation_error(exc, "train")) from None
-    from .store import open_cache
+    from softcache.cache.store import open_cache
 
     if args.verify_key:  # before anything of the cache is read
-        from .sign import verify
+        from softcache.cache.sign import verify
 
         verify(args.cache, args.verify_key)
     cache = open_cache(args.cache, allow_incomplete=args.allow_incomplete)
@@ -273,7 +273,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _local_dir(url: str) -> str:
     """``train --out``: results are local files, so a ``file://`` URL counts as the path it names."""
-    from .location import Location
+    from softcache.cache.location import Location
 
     where = Location.of(url)
     if where.local_path is None:
@@ -282,13 +282,13 @@ def _local_dir(url: str) -> str:
 
 
 def _size(text: str | None) -> int | None:
-    from .stream import parse_size
+    from softcache.student.stream import parse_size
 
     return None if text is None else parse_size(text)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import format_report, run_bench
+    from softcache._bench import format_report, run_bench
 
     log = None if args.quiet or args.json else (lambda msg: print(f"softcache: bench: {msg}", file=sys.stderr, flush=True))
     command = "softcache bench" + " --quick" * args.quick + (f" --threads {args.threads}" if args.threads else "")
@@ -298,13 +298,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .store import open_cache
-    from .validate import summarize
+    from softcache.cache.store import open_cache
+    from softcache.cache.check import summarize
 
     cache = open_cache(args.url, allow_incomplete=args.allow_incomplete)
     info = summarize(cache)
     if not cache.complete:
-        from .distributed import units_done
+        from softcache.cache.shards import units_done
 
         info["shards_done"], info["shards_total"] = units_done(cache.group, cache.manifest)
     m = info["manifest"]
@@ -329,7 +329,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _trust_lines(info: dict[str, Any], manifest: Any, trust: Any) -> list[str]:
     """``inspect``: the modules the user trusts (and where they said so) and what of the code the
     cache names may not run; adds ``info["trust"]``. Checked as text, nothing is imported."""
-    from .specs import recorded_spec_problems
+    from softcache.spec import recorded_spec_problems
 
     info["trust"] = {**trust.describe(), "recorded_spec_problems": recorded_spec_problems(manifest, trust)}
     modules = ", ".join(f"{m['module']} ({m['from']})" for m in info["trust"]["modules"])
@@ -338,7 +338,7 @@ def _trust_lines(info: dict[str, Any], manifest: Any, trust: Any) -> list[str]:
 
 
 def _spec_str(spec: dict[str, Any]) -> str:
-    from .manifest import Spec
+    from softcache.cache.manifest import Spec
 
     return str(Spec.model_validate(spec))
 
@@ -348,7 +348,7 @@ def _pct(value: float | None) -> str:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from .validate import validate
+    from softcache.cache.check import validate
 
     result = validate(args.url, deep=args.deep)
     lines = [f"{'valid' if result['valid'] else 'INVALID'}: {result['url']}"]
@@ -361,7 +361,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    from .store import open_cache
+    from softcache.cache.store import open_cache
 
     if args.out and (os.path.isdir(args.out) or not os.path.isdir(os.path.dirname(os.path.abspath(args.out)))):
         raise UsageError(f"--out {args.out}: needs a file path in an existing directory")
@@ -390,8 +390,8 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-    from .train import format_board
+    from softcache.demo import run_demo
+    from softcache.student.train import format_board
 
     if args.data_free:
         return _demo_datafree(args)
@@ -407,7 +407,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _demo_datafree(args: argparse.Namespace) -> int:
-    from .demo import format_datafree, run_datafree_demo
+    from softcache.demo import format_datafree, run_datafree_demo
 
     start = time.perf_counter()
     board, teacher_acc = run_datafree_demo(args.workdir, overwrite=args.overwrite, device=args.device,
@@ -636,7 +636,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _no_answer(args: argparse.Namespace) -> SoftcacheError:
     """A remote read that timed out after the cache was opened (a chunk, say): name the remote
     location the command reads, without credentials."""
-    from .location import Location, default_timeout
+    from softcache.cache.location import Location, default_timeout
 
     for name in ("url", "cache", "teacher", "data", "eval_data", "reuse_inputs", "out"):
         value = getattr(args, name, None)

@@ -20,11 +20,15 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from . import __version__, distributed, store
-from .augment import resolve_views, view_blocks
-from .data import batches, describe, load_dataset
-from .errors import CacheError, UsageError
-from .manifest import (
+from softcache._version import __version__
+
+from softcache.cache import shards as distributed
+
+from softcache.cache import store
+from softcache.augment import resolve_views, view_blocks
+from softcache.data import batches, describe, load_dataset
+from softcache.errors import CacheError, UsageError
+from softcache.cache.manifest import (
     BuildStatus,
     ClassInfo,
     DatasetSource,
@@ -38,10 +42,10 @@ from .manifest import (
     compute_cache_key,
     now_iso,
 )
-from .location import Location, record_location, record_value
-from .progress import Progress
-from .specs import Trust, load_model, num_parameters, probe_model, resolve_device, weights_digest
-from .writer import ChunkWriter
+from softcache.cache.location import Location, record_location, record_value
+from softcache.progress import Progress
+from softcache.spec import Trust, load_model, num_parameters, probe_model, resolve_device, weights_digest
+from softcache.cache.writer import ChunkWriter
 
 DEFAULT_CHUNK_ROWS = 4096
 
@@ -170,7 +174,7 @@ def make_manifest(
     rows = source.num_samples
     chunk_rows = min(chunk_rows, max(rows, 1))
     shard_rows = chunk_rows * shard_chunks
-    from .manifest import EvalSplit
+    from softcache.cache.manifest import EvalSplit
 
     return Manifest(
         teacher=teacher,

@@ -7,7 +7,7 @@ ratios. Absolute times are reported too, but only the ratios are comparable acro
 What runs: the embedded digits images tiled with a little noise to ``rows`` samples; the demo's
 students (the 64-32-10 MLP, the tiny CNN); a teacher of the demo's architecture at width 64
 (randomly initialised: timings do not depend on the weights), wide enough to cost over 10x a
-student step; a cache built by :func:`softcache.build.build` with the default settings except
+student step; a cache built by :func:`softcache.teacher.build.build` with the default settings except
 ``chunk_rows``. Timing thresholds live here, never in unit tests.
 """
 
@@ -32,17 +32,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import store
-from .build import build, dataset_blocks, label_block, split_writer, write_split
-from .config import StudentConfig
-from .data import materialize
-from .digits import LabelledTensors, load
-from .loader import MemoryLoader
-from .models import teacher_cnn
-from .progress import Progress
-from .store import Cache, open_cache
-from .stream import StreamLoader, open_loader
-from .train import StudentRun, cached_soft, fit, make_run, online_soft
+from softcache.cache import store
+from softcache.teacher.build import build, dataset_blocks, label_block, split_writer, write_split
+from softcache.config import StudentConfig
+from softcache.data import materialize
+from softcache.digits import LabelledTensors, load
+from softcache.student.loaders import MemoryLoader
+from softcache.models import teacher_cnn
+from softcache.progress import Progress
+from softcache.cache.store import Cache, open_cache
+from softcache.student.stream import StreamLoader, open_loader
+from softcache.student.train import StudentRun, cached_soft, fit, make_run, online_soft
 
 MLP = "softcache.models:mlp,hidden=32"
 TINY = "softcache.models:tiny_cnn"
@@ -432,7 +432,7 @@ WIDE_CLASSES = 1000
 PEAK_CHILD = """
 import json, torch
 torch.set_num_threads({threads})
-from softcache.bench import peak_child
+from softcache._bench import peak_child
 print(json.dumps(peak_child({url!r}, {mode!r}, {batch_size})))
 """
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from .errors import CacheError, UsageError
+from softcache.errors import CacheError, UsageError
 
 TIMEOUT_ENV = "SOFTCACHE_TIMEOUT"
 DEFAULT_TIMEOUT = 60.0

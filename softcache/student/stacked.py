@@ -11,7 +11,7 @@ through ``torch.func.functional_call`` under ``torch.func.vmap`` (or, for plain 
 stacks of convolutions, pooling, ``Linear`` and element-wise activations, through grouped
 convolutions and batched matrix products that compute the same thing with less overhead, see
 :func:`sequential_forward`); the loss is the one of
-:func:`softcache.loss.distillation_loss`, per student, with its gradient written out in closed
+:func:`softcache.student.loss.distillation_loss`, per student, with its gradient written out in closed
 form; the update is ``torch.optim.Adam``'s, per student. Each student's ``nn.Module`` keeps working:
 its parameters are views of its row of the buffer, so it always holds its current weights.
 
@@ -44,10 +44,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from .loader import Batch
+from softcache.student.loaders import Batch
 
 if TYPE_CHECKING:
-    from .train import StudentRun
+    from softcache.student.train import StudentRun
 
 Forward = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 
@@ -198,7 +198,7 @@ class LossSettings:
 
 def stacked_loss(logits: torch.Tensor, soft: torch.Tensor | None, labels: torch.Tensor,
                  settings: LossSettings) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-student :func:`~softcache.loss.distillation_loss` of ``logits`` ``(K, B, C)`` and its
+    """Per-student :func:`~softcache.student.loss.distillation_loss` of ``logits`` ``(K, B, C)`` and its
     gradient with respect to the logits, in closed form.
 
     Soft term ``alpha T^2 KL(p_t || softmax(z/T))`` over the batch has gradient

@@ -1,0 +1,1 @@
+"""The ``softcache`` command: argument parsing and every table and report it prints."""
