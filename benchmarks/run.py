@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from softcache._bench import format_report, run_bench  # noqa: E402
+from softcache._bench import run_bench  # noqa: E402
+from softcache._cli.format import format_report  # noqa: E402
 
 
 def main() -> int:

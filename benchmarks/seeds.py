@@ -40,7 +40,7 @@ def main() -> None:
             StudentConfig(spec=spec, temperature=args.temperature, alpha=args.alpha, seed=seed),
         )
     ]
-    board = train(cache, configs, config=TrainConfig(epochs=args.epochs), progress=False)
+    board = train(cache, configs, config=TrainConfig(epochs=args.epochs), progress=False).leaderboard
     kind = (pl.when(pl.col("alpha") > 0).then(pl.format("cached soft labels T={} a={}", "temperature", "alpha"))
             .when(pl.col("label_smoothing") > 0).then(pl.lit("label smoothing 0.1")).otherwise(pl.lit("hard labels")))
     table = (board.with_columns(trained_on=kind)

@@ -1,79 +1,130 @@
-"""Training configuration models, shared by the Python API, the CLI and pipeline files.
+"""Configuration models, shared by the Python API, the CLI and pipeline files.
 
-Pydantic models are the single source of truth: pipeline TOML files validate against them and
-``schemas/`` holds their generated JSON Schemas.
+Pydantic models are the single source of truth: each default is stated once, here; the CLI
+generates its ``build``/``synthesize`` flags from these fields, pipeline TOML files validate
+against them, and ``schemas/`` holds their generated JSON Schemas.
+
+Stage 1 (writing a cache): :class:`CacheOptions` are the choices ``build`` and ``synthesize``
+share; :class:`BuildOptions` adds those of labelling a dataset (a pipeline's ``[cache]`` table);
+:class:`BuildConfig` adds the per-run choices of one ``build`` worker (resume, shard).
+:class:`SynthCacheOptions` is ``CacheOptions`` with synthesis's own default temperature, and
+:class:`SynthConfig` holds what determines the synthesized inputs.
+
+Stage 2 (training students): :class:`StudentConfig` (one student), :class:`StudentGrid` (every
+combination of lists of its fields, for the CLI and pipeline sweeps) and :class:`TrainConfig`
+(what all students of one pass share).
 """
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from collections.abc import Callable, Mapping
+from itertools import product
+from typing import Annotated, Any, Literal, TypeVar, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_serializer, field_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from softcache.cache.manifest import Spec
+from softcache.errors import UsageError, first_validation_error
+
+TEMPERATURE = 4.0
+"""The default temperature, of a cache and of a student's distillation alike."""
+
+SYNTH_TEMPERATURE = 8.0
+"""Synthesized inputs give confident logits; a higher T keeps their dark knowledge visible."""
 
 
-class StudentConfig(BaseModel):
-    """One student of a sweep: architecture SPEC plus its own hyperparameters."""
+def _to_spec(value: object) -> object:
+    return Spec.parse(value) if isinstance(value, str) else value
 
+
+SpecIn = Annotated[Spec, BeforeValidator(_to_spec, json_schema_input_type=Union[str, Spec])]
+"""A SPEC written as ``"pkg.mod:fn,k=v"`` (CLI, pipeline files) or as ``{target, kwargs}``."""
+
+Temperature = Annotated[float, Field(gt=0, allow_inf_nan=False, description="temperature T the logits are divided by")]
+
+
+class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    spec: Spec = Field(description="architecture SPEC, e.g. 'softcache.models:mlp,hidden=32'")
-    name: str | None = Field(default=None, description="leaderboard name; derived from the spec when absent")
-    temperature: float = Field(default=4.0, gt=0, allow_inf_nan=False, description="distillation temperature T")
-    alpha: float = Field(default=0.9, ge=0, le=1, description="weight of the soft term; 0 = hard labels only")
-    lr: float = Field(default=0.01, gt=0, allow_inf_nan=False)
-    weight_decay: float = Field(default=0.0, ge=0, allow_inf_nan=False)
-    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
-    seed: int = Field(default=0, description="seeds the student's initial weights")
 
-    @field_validator("spec", mode="before", json_schema_input_type=Union[str, Spec])
+M = TypeVar("M", bound=BaseModel)
+
+
+def with_options(model: type[M], config: M | None, options: Mapping[str, Any], where: str) -> M:
+    """``config`` with keyword ``options`` laid over it, validated: a typo or a bad value is a
+    one-line UsageError naming the option, so keyword callers get the model's checks too."""
+    given = config.model_dump(exclude_unset=True) if config is not None else {}
+    try:
+        return model.model_validate({**given, **options})
+    except ValidationError as exc:
+        raise UsageError(f"{where}: {first_validation_error(exc, where)}") from None
+
+
+# --- stage 1: writing a cache ---------------------------------------------------------------
+
+
+class CacheOptions(_Model):
+    """How a cache is written: the options ``build`` and ``synthesize`` share."""
+
+    temperature: Temperature = Field(default=TEMPERATURE, description="temperature T the stored logits are divided by")
+    dtype: Literal["float16", "float32"] = Field(default="float16", description="dtype of the stored soft labels")
+    chunk_rows: int = Field(default=4096, ge=1, description="rows per chunk; writes cover whole chunks")
+    views: int = Field(default=1, ge=1, description="label this many augmented views of every input (needs "
+                       "augment); stage 2 replays them exactly")
+    augment: SpecIn | None = Field(default=None, description="replayable augmentation SPEC, e.g. softcache.augment:"
+                                   "compose,crop=0.6,flip=0.5,shift=1,mixup=0.4,cutmix=1")
+    view_seed: int | None = Field(default=None, description="seeds the view parameters, which the cache stores "
+                                  "(default: 0; synthesize: its seed)")
+    device: str | None = Field(default=None, description="cuda / cpu (default: cuda when present)")
+    overwrite: bool = Field(default=False, description="replace an existing cache at the target (a pipeline keeps "
+                            "a cache of its own build: skipped or resumed)")
+
+
+class BuildOptions(CacheOptions):
+    """``CacheOptions`` plus those of labelling a dataset: a pipeline's ``[cache]`` table."""
+
+    storage: str = Field(default="full", description="full (topk:K and sample:K are reserved)")
+    batch_size: int = Field(default=256, ge=1, description="rows per teacher call")
+    shard_chunks: int = Field(default=1, ge=1, description="chunks per shard: the unit of work split between "
+                              "workers and redone on resume")
+    store_inputs: bool = Field(default=False, description="also store the inputs in the cache")
+
+    @field_validator("storage")
     @classmethod
-    def _parse_spec(cls, value: object) -> object:
-        """Pipeline files and the CLI write specs as strings; the schema accepts both forms."""
-        return Spec.parse(value) if isinstance(value, str) else value
-
-    def display_name(self) -> str:
-        if self.name:
-            return self.name
-        arch = self.spec.target.rsplit(":", 1)[-1].rsplit("/", 1)[-1]
-        args = ",".join(f"{k}={v}" for k, v in sorted(self.spec.kwargs.items()))
-        base = f"{arch}({args})" if args else arch
-        if self.alpha == 0:
-            kind = f"hard ls={self.label_smoothing:g}" if self.label_smoothing else "hard"
-        else:
-            kind = f"kd T={self.temperature:g} a={self.alpha:g}"
-        return f"{base} {kind} s{self.seed}"
+    def _storage(cls, value: str) -> str:
+        mode, _, k = value.partition(":")
+        if mode == "full" and not k:
+            return value
+        if mode in ("topk", "sample"):
+            raise ValueError(f"storage mode {mode!r} is reserved in the format but not supported by this build; "
+                             "use 'full'")
+        raise ValueError(f"storage must be 'full', 'topk:K' or 'sample:K', not {value!r}")
 
 
-class TrainConfig(BaseModel):
-    """What every student in one pass shares: they read the same batches in the same order."""
+class BuildConfig(BuildOptions):
+    """Every option of ``build()`` and ``softcache build`` besides its inputs: ``BuildOptions``
+    plus this worker's share of a sharded build and whether it continues a partial one."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    epochs: int = Field(default=60, ge=1)
-    batch_size: int = Field(default=64, ge=1)
-    shuffle_seed: int = Field(default=0, description="seeds the batch order, shared by all students")
-    device: str | None = Field(default=None, description="cuda when present, else cpu")
-    loader: Literal["auto", "memory", "stream"] = Field(
-        default="auto", description="memory: soft labels in RAM; stream: chunk-shuffled reads; auto: memory when they fit")
-    memory_budget: int | None = Field(
-        default=None, ge=0, description="bytes auto mode may hold in RAM (default $SOFTCACHE_MEMORY_BUDGET, else min(4 GiB, RAM/2))")
-    buffer_chunks: int = Field(default=4, ge=1, description="stream mode: chunks decoded and shuffled together")
-    workers: int = Field(default=0, ge=0, description="stream mode: DataLoader worker processes reading the store")
-    start_method: Literal["fork", "spawn", "forkserver"] | None = Field(
-        default=None, description="how stream-mode workers start (default: the platform's)")
-    group: bool = Field(default=True, description="train students that share an architecture as one vectorized model")
+    shard: str | None = Field(default=None, description="I/N: do worker I's share of N (job arrays); under "
+                              "torchrun RANK/WORLD_SIZE are used instead")
+    resume: bool = Field(default=False, description="continue a partial cache of the same build at the target: "
+                         "finished shards are skipped")
 
 
-class SynthConfig(BaseModel):
+class SynthCacheOptions(CacheOptions):
+    """``CacheOptions`` as ``synthesize`` takes them: its own default temperature."""
+
+    temperature: Temperature = Field(default=SYNTH_TEMPERATURE, description="temperature T the stored logits are "
+                                     "divided by (synthetic inputs want a higher T)")
+
+
+class SynthConfig(_Model):
     """Everything that determines the synthesized inputs besides the teacher and the seed.
 
     The defaults are the ones measured on the digits data (docs/datafree.md): quality saturates
     around 200 steps per batch, and weighting the first BatchNorm layer up helps.
     """
-
-    model_config = ConfigDict(extra="forbid")
 
     method: Literal["deepinversion", "noise"] = Field(
         default="deepinversion", description="deepinversion: optimise inputs against the teacher; "
@@ -99,3 +150,115 @@ class SynthConfig(BaseModel):
         if value is not None and not value[0] < value[1]:
             raise ValueError(f"input_range needs low < high, got {value}")
         return value
+
+
+# --- stage 2: training students -------------------------------------------------------------
+
+
+ModelFunction = Callable[[], Any]
+"""A function of no arguments returning a new ``torch.nn.Module``: a student given as live code
+from Python, where a SPEC would need an importable name."""
+
+
+class StudentConfig(_Model):
+    """One student of a sweep: architecture SPEC (or, from Python, a model function) plus its own
+    hyperparameters. A model function is not serialisable: dumped, it reads as its qualified
+    name (:meth:`spec_text`), which names it but cannot rebuild it."""
+
+    spec: Spec | SkipJsonSchema[ModelFunction] = Field(
+        description="architecture SPEC, e.g. 'softcache.models:mlp,hidden=32'")
+    name: str | None = Field(default=None, description="leaderboard name; derived from the spec when absent")
+    temperature: Temperature = Field(default=TEMPERATURE, description="distillation temperature T")
+    alpha: float = Field(default=0.9, ge=0, le=1, description="weight of the soft term; 0 = hard labels only")
+    lr: float = Field(default=0.01, gt=0, allow_inf_nan=False)
+    weight_decay: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    seed: int = Field(default=0, description="seeds the student's initial weights")
+
+    @field_validator("spec", mode="before", json_schema_input_type=Union[str, Spec])
+    @classmethod
+    def _parse_spec(cls, value: object) -> object:
+        """Pipeline files and the CLI write specs as strings; the schema accepts both forms."""
+        return Spec.parse(value) if isinstance(value, str) else value
+
+    @field_serializer("spec", when_used="json")
+    def _dump_spec(self, value: object) -> object:
+        return value.model_dump(mode="json") if isinstance(value, Spec) else self.spec_text()
+
+    def spec_text(self) -> str:
+        """The SPEC as written, or a model function's ``module:qualname`` (leaderboards show it)."""
+        if isinstance(self.spec, Spec):
+            return str(self.spec)
+        fn = self.spec
+        return f"{getattr(fn, '__module__', None) or '?'}:{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+
+    def spec_key(self) -> object:
+        """Students with equal keys build the same architecture: the SPEC text, or the very same
+        model function (by identity: two functions of one name may build different models)."""
+        return str(self.spec) if isinstance(self.spec, Spec) else ("function", id(self.spec))
+
+    def display_name(self) -> str:
+        if self.name:
+            return self.name
+        kwargs = self.spec.kwargs if isinstance(self.spec, Spec) else {}
+        target = self.spec.target if isinstance(self.spec, Spec) else self.spec_text()
+        arch = target.rsplit(":", 1)[-1].rsplit("/", 1)[-1]
+        args = ",".join(f"{k}={v}" for k, v in sorted(kwargs.items()))
+        base = f"{arch}({args})" if args else arch
+        if self.alpha == 0:
+            kind = f"hard ls={self.label_smoothing:g}" if self.label_smoothing else "hard"
+        else:
+            kind = f"kd T={self.temperature:g} a={self.alpha:g}"
+        return f"{base} {kind} s{self.seed}"
+
+
+def student_default(name: str) -> Any:
+    """A StudentConfig field's default (the CLI's grid flags and ``StudentGrid`` show it)."""
+    return StudentConfig.model_fields[name].default
+
+
+class StudentGrid(_Model):
+    """Every combination of the listed values becomes one student; a hard-label student
+    (alpha 0) ignores T, so it appears once (at the first T). Unlisted fields take the
+    StudentConfig default."""
+
+    spec: list[SpecIn] = Field(min_length=1)
+    temperature: list[float] = Field(default=[student_default("temperature")], min_length=1)
+    alpha: list[float] = Field(default=[student_default("alpha")], min_length=1)
+    lr: list[float] = Field(default=[student_default("lr")], min_length=1)
+    weight_decay: list[float] = Field(default=[student_default("weight_decay")], min_length=1)
+    label_smoothing: list[float] = Field(default=[student_default("label_smoothing")], min_length=1)
+    seed: list[int] = Field(default=[student_default("seed")], min_length=1)
+
+    def expand(self) -> list[StudentConfig]:
+        """The students in grid order (spec, T, alpha, lr, weight decay, label smoothing, seed),
+        duplicates dropped. Each is validated: a bad value raises pydantic's ValidationError."""
+        configs: list[StudentConfig] = []
+        seen: set[str] = set()
+        for spec, t, a, lr, wd, ls, seed in product(self.spec, self.temperature, self.alpha, self.lr,
+                                                    self.weight_decay, self.label_smoothing, self.seed):
+            cfg = StudentConfig(spec=spec, temperature=t if a > 0 else self.temperature[0], alpha=a, lr=lr,
+                                weight_decay=wd, label_smoothing=ls, seed=seed)
+            key = cfg.model_dump_json()
+            if key not in seen:
+                seen.add(key)
+                configs.append(cfg)
+        return configs
+
+
+class TrainConfig(_Model):
+    """What every student in one pass shares: they read the same batches in the same order."""
+
+    epochs: int = Field(default=60, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    shuffle_seed: int = Field(default=0, description="seeds the batch order, shared by all students")
+    device: str | None = Field(default=None, description="cuda when present, else cpu")
+    loader: Literal["auto", "memory", "stream"] = Field(
+        default="auto", description="memory: soft labels in RAM; stream: chunk-shuffled reads; auto: memory when they fit")
+    memory_budget: int | None = Field(
+        default=None, ge=0, description="bytes auto mode may hold in RAM (default $SOFTCACHE_MEMORY_BUDGET, else min(4 GiB, RAM/2))")
+    buffer_chunks: int = Field(default=4, ge=1, description="stream mode: chunks decoded and shuffled together")
+    workers: int = Field(default=0, ge=0, description="stream mode: DataLoader worker processes reading the store")
+    start_method: Literal["fork", "spawn", "forkserver"] | None = Field(
+        default=None, description="how stream-mode workers start (default: the platform's)")
+    group: bool = Field(default=True, description="train students that share an architecture as one vectorized model")

@@ -1,19 +1,21 @@
 """Datasets as softcache sees them: loading from a SPEC, fingerprinting, batching.
 
 A dataset is any map-style torch ``Dataset`` whose items are ``(input, label)`` or just
-``input``. Datasets that expose whole ``inputs``/``labels`` tensors (like ``digits.load``) are
-sliced directly, so there is no per-sample Python loop on the hot path.
+``input``, each input a tensor or array. Datasets that expose whole ``inputs``/``labels`` tensors
+(:class:`LabelledTensors`, what ``digits.load`` returns) are sliced directly, so there is no
+per-sample Python loop on the hot path. Float64 inputs (numpy's default) are cast to float32, the
+dtype of every model softcache builds and of the inputs the cache's views are computed from.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from softcache.errors import CacheError, UsageError
 from softcache.cache.manifest import DatasetSource, Spec
@@ -24,23 +26,61 @@ FINGERPRINT_SAMPLES = 256
 at a cost that does not grow with the dataset."""
 
 
+class LabelledTensors(TensorDataset):
+    """A TensorDataset of (inputs, labels) that also carries class names and a description.
+
+    Exposing whole tensors lets softcache hash and batch the data without a per-sample loop.
+    """
+
+    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor, classes: list[str] | None, info: dict[str, Any]):
+        super().__init__(inputs, labels)
+        self.inputs = inputs
+        self.labels = labels
+        self.classes = classes
+        self.info = info
+
+
 def load_dataset(spec: Spec | str | Dataset) -> tuple[Dataset, Spec | None]:
-    """Return the dataset and the spec that recreates it (None for a live object)."""
+    """Return the dataset and the spec that recreates it (None for a live object).
+
+    The first item is read here, so a dataset whose items softcache cannot use is refused in one
+    line naming its SPEC before a teacher is loaded or anything is written."""
     if isinstance(spec, Dataset):
         return spec, None
     spec = Spec.parse(spec)
     dataset = call_spec(spec)
     if isinstance(dataset, torch.nn.Module) or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
         raise UsageError(f"data spec {spec} returned {type(dataset).__name__}, not a map-style Dataset")
+    if len(dataset) and not isinstance(getattr(dataset, "inputs", None), torch.Tensor):
+        _split_item(dataset[0], f"data spec {spec}: item 0")
     return dataset, spec
 
 
-def _split_item(item: Any) -> tuple[torch.Tensor, int]:
+def _split_item(item: Any, where: str = "dataset item") -> tuple[torch.Tensor, int]:
+    """One item as (input, label); an item of another form is a one-line UsageError saying what
+    it is (a dict's keys included), rather than torch's error about inferring a dtype."""
     if isinstance(item, (tuple, list)):
         x, y = item[0], item[1] if len(item) > 1 else -1
     else:
         x, y = item, -1
-    return torch.as_tensor(x), int(y)
+    if isinstance(x, Mapping):
+        keys = ", ".join(repr(k) for k in list(x)[:10]) + (", ..." if len(x) > 10 else "")
+        what = type(x).__name__ if x is item else f"{type(item).__name__} whose input is a {type(x).__name__}"
+        raise UsageError(f"{where} is a {what} with keys [{keys}]; softcache needs items (input, label) or input, "
+                         "each input a tensor or array: return those from the dataset's __getitem__")
+    try:
+        tensor = torch.as_tensor(x)
+        label = int(y)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UsageError(f"{where} ({type(x).__name__} input, {type(y).__name__} label) is not (tensor or array, "
+                         f"integer label): {first}") from None
+    return _as_input(tensor), label
+
+
+def _as_input(inputs: torch.Tensor) -> torch.Tensor:
+    """Float64 (numpy's default float) becomes float32, what the models and the views use."""
+    return inputs.to(torch.float32) if inputs.dtype == torch.float64 else inputs
 
 
 def batches(dataset: Dataset, indices: Sequence[int] | range, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -51,7 +91,7 @@ def batches(dataset: Dataset, indices: Sequence[int] | range, batch_size: int) -
             idx = indices[start : start + batch_size]
             sel = slice(idx.start, idx.stop) if isinstance(idx, range) and idx.step == 1 else torch.as_tensor(list(idx))
             y = labels[sel] if isinstance(labels, torch.Tensor) else torch.full((len(idx),), -1)
-            yield inputs[sel], y
+            yield _as_input(inputs[sel]), y
         return
     loader = DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False, collate_fn=_collate)
     yield from loader

@@ -11,21 +11,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import polars as pl
-import torch
-from torch import nn
 
-from softcache.teacher.build import build
-from softcache.config import StudentConfig, TrainConfig
-from softcache.data import materialize
-from softcache.digits import load
-from softcache.errors import UsageError
-from softcache.student.loaders import MemoryLoader
-from softcache.spec import save_model
 from softcache.cache.store import Cache
-from softcache.student.train import cached_soft, fit, make_run, predict
+from softcache.config import StudentConfig, TrainConfig
+from softcache.errors import UsageError
 from softcache.student.train import train as train_students
+from softcache.teacher.build import build
+from softcache.teacher.fit import TEACHER_SPEC, train_teacher
+from softcache.weights import save_model
 
-TEACHER_SPEC = "softcache.models:teacher_cnn"
+__all__ = ["DATAFREE_AUGMENT", "DATAFREE_VIEWS", "DATA_SPEC", "EVAL_SPEC", "MLP", "TEACHER_SPEC", "TINY", "TINY16",
+           "datafree_students", "demo_students", "run_datafree_demo", "run_demo", "train_teacher"]
+
 DATA_SPEC = "softcache.digits:load,split=train"
 EVAL_SPEC = "softcache.digits:load,split=test"
 MLP = "softcache.models:mlp,hidden=32"
@@ -45,17 +42,6 @@ def demo_students(seed: int = 0) -> list[StudentConfig]:
     ]
 
 
-def train_teacher(seed: int = 0, epochs: int = 30, device: str | None = None) -> tuple[nn.Module, float]:
-    """Train the digits teacher on the training split; returns it and its test accuracy."""
-    x, y = materialize(load("train"))
-    run = make_run(StudentConfig(spec=TEACHER_SPEC, alpha=0.0, lr=3e-3, seed=seed), 10, x[:2], torch.device(device or "cpu"))
-    loader = MemoryLoader(x, None, y, batch_size=64, shuffle_seed=seed, device=device or "cpu")
-    fit([run], loader, epochs, cached_soft, cache_temperature=1.0)
-    xt, yt = materialize(load("test"))
-    acc = float((predict(run.model, xt.to(loader.device)).cpu() == yt).float().mean())
-    return run.model.cpu().eval(), acc
-
-
 def run_demo(workdir: str | Path, *, overwrite: bool = False, device: str | None = None, seed: int = 0,
              progress: bool = True) -> tuple[pl.DataFrame, Cache, float]:
     out = Path(workdir)
@@ -65,9 +51,9 @@ def run_demo(workdir: str | Path, *, overwrite: bool = False, device: str | None
     teacher, teacher_acc = train_teacher(seed=seed, device=device)
     teacher_path = save_model(teacher, out / "teacher.safetensors", TEACHER_SPEC)
     cache = build(str(teacher_path.resolve()), DATA_SPEC, str(out / "cache.zarr"), eval_data=EVAL_SPEC,
-                  temperature=4.0, device=device, overwrite=overwrite, progress=progress)
+                  device=device, overwrite=overwrite, progress=progress)
     board = train_students(cache, demo_students(seed), out_dir=out, config=TrainConfig(device=device), progress=progress,
-                           overwrite=overwrite)
+                           overwrite=overwrite).leaderboard
     return board, cache, teacher_acc
 
 
@@ -110,7 +96,7 @@ def run_datafree_demo(workdir: str | Path, *, overwrite: bool = False, device: s
             ("noise", noise, noise.seconds))
     for name, result, seconds in runs:
         board = train_students(result.cache, datafree_students(seed), out_dir=out / "runs" / name,
-                               config=TrainConfig(device=device), progress=progress, overwrite=overwrite)
+                               config=TrainConfig(device=device), progress=progress, overwrite=overwrite).leaderboard
         boards.append(board.with_columns(
             inputs=pl.lit(name), views=pl.lit(result.cache.manifest.views.count),
             samples=pl.lit(result.cache.train.rows),
@@ -128,13 +114,3 @@ def _workdir(workdir: str | Path, overwrite: bool) -> Path:
         raise UsageError(f"{out}: workdir is not empty; pass --overwrite to replace the demo outputs there")
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def format_datafree(board: pl.DataFrame) -> str:
-    """The data-free leaderboard as people read it: inputs, views, student, accuracy vs teacher."""
-    cols = ["inputs", "views", "student", "parameters", "test_accuracy", "relative_accuracy", "teacher_agreement"]
-    view = board.select(cols).with_columns(
-        [(pl.col(c) * 100).round(2) for c in ("test_accuracy", "relative_accuracy", "teacher_agreement")])
-    with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=160, fmt_str_lengths=50, tbl_hide_dataframe_shape=True,
-                   tbl_hide_column_data_types=True):
-        return str(view)

@@ -6,29 +6,17 @@ dataset describes itself in ``info`` so the manifest records exactly which rows 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
 
+from softcache.data import LabelledTensors
 from softcache.errors import UsageError
 
+__all__ = ["CLASS_NAMES", "LabelledTensors", "load"]
+
 CLASS_NAMES = [str(i) for i in range(10)]
-
-
-class LabelledTensors(TensorDataset):
-    """A TensorDataset of (inputs, labels) that also carries class names and a description.
-
-    Exposing whole tensors lets softcache hash and batch the data without a per-sample loop.
-    """
-
-    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor, classes: list[str] | None, info: dict[str, Any]):
-        super().__init__(inputs, labels)
-        self.inputs = inputs
-        self.labels = labels
-        self.classes = classes
-        self.info = info
 
 
 def load(split: Literal["train", "test", "all"] = "train", seed: int = 0, test_size: int = 597) -> LabelledTensors:

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from softcache.config import StudentConfig, TrainConfig
 from softcache.cache.manifest import Manifest
-from softcache.pipeline.run import PipelineConfig
+from softcache.pipeline.config import PipelineConfig
 
 
 def schema_models() -> dict[str, type[BaseModel]]:

@@ -28,7 +28,7 @@ from softcache.cache import store
 from softcache.teacher.build import build
 from softcache._cli.main import main as cli_main
 from softcache.models import teacher_cnn
-from softcache.spec import save_model
+from softcache.weights import save_model
 from softcache.cache.store import Cache
 
 REPO = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ import torch
 
 from softcache.teacher.build import build
 from softcache.demo import DATA_SPEC, EVAL_SPEC, TEACHER_SPEC, train_teacher
-from softcache.spec import save_model
+from softcache.weights import save_model
 from softcache.cache.store import Cache
 
 torch.set_num_threads(1)

@@ -41,7 +41,7 @@ def warm() -> None:
     import importlib
 
     for name in ("softcache", "softcache._cli.main", "softcache.pipeline.run", "softcache.cache.check", "softcache.student.train",
-                 "softcache.augment", "softcache.spec", "sklearn.datasets", "sklearn.model_selection",
+                 "softcache.augment", "softcache.weights", "sklearn.datasets", "sklearn.model_selection",
                  "torch._dynamo", "polars", "safetensors.torch", "zarr", "fsspec"):
         try:
             importlib.import_module(name)

@@ -14,6 +14,7 @@ from torch import nn
 
 from seqkit import load as load_sequences
 from softcache import augment as A
+from softcache import views as V
 from softcache.teacher.build import build
 from softcache._cli.main import main
 from softcache.errors import CacheError, UsageError
@@ -75,7 +76,7 @@ def _changed(views: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
 ])
 def test_sequence_views_are_real_views_and_replay_exactly(tmp_path, spec):
     raw, labelled, params, cache = _build_sequences(tmp_path, spec)
-    aug = A.load_augmentation(spec)
+    aug = V.load_augmentation(spec)
     assert params.shape == (ROWS, VIEWS, len(aug.param_names))
 
     # no view is all zeros (no input is) and the views really are augmented
@@ -108,7 +109,7 @@ def test_sequence_views_are_real_views_and_replay_exactly(tmp_path, spec):
         assert bool(changed.all())
 
     # stage 2 re-creates exactly the view the teacher labelled
-    replay = A.cache_replay(cache, raw)
+    replay = V.cache_replay(cache, raw)
     assert replay is not None
     rows = torch.arange(ROWS)
     for view in range(VIEWS):
@@ -178,7 +179,7 @@ def test_mixup_is_the_same_blend_for_any_shape():
 
 @pytest.mark.parametrize("shape", [(1, LENGTH), (3, 8, 8)])
 def test_chain_with_mixup_then_cutmix_prepares_partners_through_the_mixup(shape):
-    aug = A.load_augmentation(CHAIN)
+    aug = V.load_augmentation(CHAIN)
     x = torch.rand(120, *shape)
     p = _params(aug, 120, shape, seed=4)
     fetch = lambda rows: x[rows]  # noqa: E731
@@ -205,10 +206,10 @@ REFUSED = [
 
 @pytest.mark.parametrize("spec,shape,name", REFUSED)
 def test_shapes_an_augmentation_cannot_transform_are_refused_in_one_line(spec, shape, name):
-    aug = A.load_augmentation(spec)
-    for refuse in (lambda: A.check_input_shape(aug, shape),
+    aug = V.load_augmentation(spec)
+    for refuse in (lambda: V.check_input_shape(aug, shape),
                    lambda: aug.sample(4, _rng(), population=4, shape=shape),
-                   lambda: A.resolve_views(spec, 2, 0, 4, shape=shape)):
+                   lambda: V.resolve_views(spec, 2, 0, 4, shape=shape)):
         with pytest.raises(UsageError) as err:
             refuse()
         message = str(err.value)
@@ -217,9 +218,9 @@ def test_shapes_an_augmentation_cannot_transform_are_refused_in_one_line(spec, s
 
 @pytest.mark.parametrize("spec", ["softcache.augment:mixup", "softcache.augment:shift,max_shift=2", CHAIN])
 def test_accepted_shapes(spec):
-    aug = A.load_augmentation(spec)
+    aug = V.load_augmentation(spec)
     for shape in [(1, 3), (4, LENGTH), (1, 8, 8), (3, 5, 7)]:
-        A.check_input_shape(aug, shape)
+        V.check_input_shape(aug, shape)
         p = _params(aug, 8, shape)
         assert aug.apply(torch.rand(8, *shape), p, lambda rows: torch.rand(len(rows), *shape)).shape == (8, *shape)
 
@@ -236,18 +237,18 @@ def test_build_refuses_a_shape_the_augmentation_cannot_transform(tmp_path, capsy
 
 
 def test_stored_parameters_that_cannot_be_replayed_are_refused():
-    aug = A.load_augmentation("softcache.augment:compose,shift=1,mixup=0.4")
+    aug = V.load_augmentation("softcache.augment:compose,shift=1,mixup=0.4")
     inputs = torch.rand(30, 1, LENGTH)
     good = torch.from_numpy(aug.sample(60, _rng(), population=30, shape=(1, LENGTH))).reshape(30, 2, -1)
-    A.ViewReplay(aug, inputs, good)  # the honest parameters are accepted
+    V.ViewReplay(aug, inputs, good)  # the honest parameters are accepted
     partner = aug.param_names.index("mixup.partner")
     for value, match in [(float("nan"), "NaN/Inf"), (30.0, "partner rows outside"), (-1.0, "partner rows outside"),
                          (2.5, "partner rows outside")]:
         bad = good.clone()
         bad[7, 1, partner] = value
         with pytest.raises(CacheError, match=match):
-            A.ViewReplay(aug, inputs, bad)
+            V.ViewReplay(aug, inputs, bad)
     bad = good.clone()
     bad[3, 0, 0] = float("inf")
     with pytest.raises(CacheError, match="NaN/Inf"):
-        A.ViewReplay(aug, inputs, bad)
+        V.ViewReplay(aug, inputs, bad)

@@ -7,7 +7,10 @@ import json
 
 import pytest
 
-from softcache._bench import TARGETS, BenchSettings, alternate, format_report, ratio, run_bench
+from softcache._bench import TARGETS, BenchSettings, alternate, ratio, run_bench
+from softcache._bench.workload import WideSettings
+from softcache.config import StudentConfig
+from softcache._cli.format import format_report
 from softcache._cli.main import main
 
 KEYS = ["store_vs_memory_epoch", "streaming_vs_memory_epoch", "online_vs_cached_epoch", "online_vs_cached_ideal",
@@ -31,8 +34,10 @@ def test_alternate_interleaves_and_reverses_the_order_each_round():
 
 @pytest.fixture(scope="module")
 def tiny_result(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    wide = WideSettings(rows=512, build_rows=512, repeats=1, students=2, epochs=1, teacher_hidden=32,
+                        student_hidden=16)
     settings = BenchSettings(rows=512, chunk_rows=128, batch_size=64, epochs=1, repeats=1, students=2,
-                             sample_rows=256, wide_rows=512, build_batch_size=128, isolate_memory=False)
+                             sample_rows=256, wide_rows=512, build_batch_size=128, isolate_memory=False, wide=wide)
     return run_bench(workdir=tmp_path_factory.mktemp("bench"), settings=settings, command="test")
 
 
@@ -49,6 +54,49 @@ def test_a_tiny_run_reports_every_figure_as_a_number(tiny_result):
     report = format_report(result)
     for text in ("epoch from store (in-RAM mode)", "online KD epoch", "stage 1 with writing", "loader samples/s"):
         assert text in report
+
+
+WIDE_KEYS = ["train_memory_vs_hand_written", "train_stream_vs_hand_written", "group_vs_separate_speedup",
+             "build_vs_teacher", "online_vs_cached_train", "online_vs_cached_ideal", "online_fraction_of_ideal"]
+
+
+def test_the_1000_class_section_reports_its_ratios_beside_the_digits_figures(tiny_result):
+    wide = json.loads(json.dumps(tiny_result))["wide"]
+    for key in WIDE_KEYS:
+        assert isinstance(wide[key], float) and wide[key] > 0, key
+    assert wide["settings"]["classes"] == 1000 and wide["settings"]["threads"] == 1
+    assert {"memory", "stream", "hand", "grouped", "separate", "stage1_build", "stage1_teacher"} <= set(wide["seconds"])
+    report = format_report(tiny_result)
+    for text in ("[1000 classes, 512 rows] train() 1 epochs, memory loader / hand-written loop",
+                 "hand-written runs / one grouped train()", "build() / teacher forward alone", "online KD (hand-written)"):
+        assert text in report
+    assert "epoch from store (in-RAM mode)" in report  # the digits figures are still there
+
+
+def test_the_presets_run_the_1000_class_section_at_the_size_users_run():
+    for quick in (True, False):
+        wide = BenchSettings.preset(quick).wide
+        assert wide is not None and (wide.classes, wide.features, wide.batch_size) == (1000, 256, 256)
+        assert (wide.teacher_hidden, wide.student_hidden, wide.students, wide.epochs) == (2048, 256, 8, 2)
+    assert BenchSettings.preset(False).wide.rows == 65536  # type: ignore[union-attr]
+
+
+def test_the_hand_written_loop_trains_with_the_same_loss_as_softcache(tmp_path):
+    """The reference loop is only fair if it optimises softcache's loss on the same cached logits."""
+    import torch
+
+    from softcache._bench.wide import hand_written, kd_loss, make_wide
+    from softcache.student.loss import distillation_loss, rescale
+
+    s = WideSettings(rows=64, build_rows=64, teacher_hidden=8, student_hidden=8, classes=20, features=12)
+    w = make_wide(s, tmp_path)
+    logits = torch.randn(64, 20, generator=torch.Generator().manual_seed(0))
+    for t, a in [(3.0, 0.7), (4.0, 1.0), (2.0, 0.0)]:
+        ref = distillation_loss(logits, rescale(w.soft16.float(), w.cache.temperature, t), w.dataset.labels,
+                                temperature=t, alpha=a)
+        mine = kd_loss(logits, w.soft16.float() * (w.cache.temperature / t), w.dataset.labels, t, a)
+        assert float(mine) == pytest.approx(float(ref), rel=1e-5), (t, a)
+    assert hand_written(w, StudentConfig(spec=s.student_spec()), 1) > 0
 
 
 def test_cli_bench_rejects_unknown_flags(capsys):

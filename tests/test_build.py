@@ -14,7 +14,7 @@ from softcache.config import StudentConfig, TrainConfig
 from softcache.demo import DATA_SPEC
 from softcache.digits import load
 from softcache.errors import CacheError, UsageError
-from softcache.spec import load_model
+from softcache.weights import load_model
 from softcache.cache.store import Cache, open_cache
 from softcache.student.train import train
 from softcache.cache.check import validate
@@ -123,14 +123,14 @@ def test_reading_and_training_never_unpickle(cache: Cache, monkeypatch: pytest.M
     assert "pickle" not in metadata.lower() and '"object"' not in metadata
     opened = open_cache(cache.url)
     board = train(opened, [StudentConfig(spec="softcache.models:mlp")], out_dir=tmp_path,
-                  config=TrainConfig(epochs=1), progress=False)
+                  config=TrainConfig(epochs=1), progress=False).leaderboard
     assert board.height == 1 and Path(board["weights"][0]).suffix == ".safetensors"
     # the saved student is itself a SPEC that rebuilds the model in a fresh object
     assert isinstance(load_model(board["weights"][0]), nn.Module)
 
 
 def test_device_defaults_to_cpu_without_cuda_and_refuses_missing_cuda() -> None:
-    from softcache.spec import resolve_device
+    from softcache.weights import resolve_device
 
     if torch.cuda.is_available():
         assert resolve_device(None).type == "cuda"
@@ -160,5 +160,5 @@ def test_specs_recorded_in_a_cache_never_run_unless_named(cache: Cache, tmp_path
     with pytest.raises(UsageError, match="--trust-cache-specs"):
         train(str(copy), ["softcache.models:mlp"], config=TrainConfig(epochs=1), progress=False)
     assert not marker.exists()
-    board = train(str(copy), ["softcache.models:mlp"], data=DATA_SPEC, config=TrainConfig(epochs=1), progress=False)
+    board = train(str(copy), ["softcache.models:mlp"], data=DATA_SPEC, config=TrainConfig(epochs=1), progress=False).leaderboard
     assert board.height == 1

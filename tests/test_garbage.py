@@ -21,7 +21,8 @@ from softcache.teacher.build import build
 from softcache.config import StudentConfig, TrainConfig
 from softcache.digits import LabelledTensors, load
 from softcache.errors import CacheError
-from softcache.student.train import TEMPERATURE_RANGE, train
+from softcache.student._checks import TEMPERATURE_RANGE
+from softcache.student.train import train
 
 ROWS = 320
 KD = StudentConfig(spec="softcache.models:mlp,hidden=8", alpha=0.9)
@@ -100,7 +101,7 @@ def test_nonfinite_soft_labels_are_refused_naming_count_and_rows(copy: Path, loa
 
 
 def test_the_stream_scan_holds_one_group_of_chunks_at_a_time(copy: Path) -> None:
-    from softcache.student.loaders import nonfinite_rows
+    from softcache.student._checks import nonfinite_rows
     from softcache.cache.store import open_cache
     from softcache.student.stream import StreamLoader
 
@@ -166,7 +167,7 @@ def test_no_known_label_stops_a_hard_label_student_only(copy: Path, no_training:
     message = refusal(copy, [PURE_KD, KD])
     assert "no training row has a known label" in message and "1 student(s)" in message
     monkeypatch.undo()  # pure distillation needs no label: it trains
-    board = train(str(copy), [PURE_KD], config=QUICK, progress=False)
+    board = train(str(copy), [PURE_KD], config=QUICK, progress=False).leaderboard
     assert board["final_loss"][0] > 0
 
 
@@ -185,7 +186,7 @@ def test_labels_of_the_given_data_are_used(copy: Path) -> None:
     the cache's labels overrode the data's and the hard-label student learned nothing."""
     tamper(copy, "labels", lambda v: v.fill(-1))
     board = train(str(copy), [HARD], data=digits(), eval_data=digits(), config=TrainConfig(epochs=5, batch_size=32),
-                  progress=False)
+                  progress=False).leaderboard
     assert board["final_loss"][0] > 0 and board["test_accuracy"][0] > 0.5
 
 

@@ -7,10 +7,12 @@ import torch
 from torch import nn
 
 from softcache.config import StudentConfig, TrainConfig
-from softcache.student.stacked import LossSettings, StudentGroup, plan_groups, stacked_loss
+from softcache.student._choice import STACKED, PathChooser
+from softcache.student.stacked import StudentGroup, plan_groups
 from softcache.student.loaders import MemoryLoader
-from softcache.student.loss import distillation_loss, rescale
-from softcache.student.train import cached_soft, fit, make_run, train
+from softcache.student.loss import LossSettings, distillation_loss, rescale, stacked_loss
+from softcache.student.run import cached_soft, fit, make_run
+from softcache.student.train import train
 
 MLP = "softcache.models:mlp,hidden=16"
 CNN = "softcache.models:tiny_cnn,channels=4"
@@ -83,9 +85,13 @@ def test_a_student_trained_in_a_group_ends_with_its_weights_trained_alone(batche
         assert g.loss_history() == pytest.approx(a.loss_history(), rel=1e-4, abs=1e-5)
 
 
+# the forward is chosen whatever the timings; stacked vs one by one is tests/test_grouping_choice.py's subject
+STACKING_MEASURED_FASTER = PathChooser(lambda path, step: (step(), 1.0 if path == STACKED else 2.0)[1])
+
+
 def test_the_group_picks_its_forward_on_the_first_batch(batches):
     for spec, mode in [(MLP, "sequential-layers"), (CNN, "sequential-layers"), (RESIDUAL, "vmap")]:
-        group = StudentGroup(runs_for(sweep(spec)[:2], batches))
+        group = StudentGroup(runs_for(sweep(spec)[:2], batches), STACKING_MEASURED_FASTER)
         batch = next(iter(batches.epoch(0)))
         group.step(batch, batch.soft, 4.0)
         assert group.mode == mode
@@ -161,7 +167,7 @@ def test_train_leaderboard_is_the_same_grouped_or_not(batches, tmp_path):
     teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
     cache = build(teacher, data, str(tmp_path / "c.zarr"), chunk_rows=64, progress=False)
     configs = sweep(MLP)
-    boards = [train(cache, configs, data=data, config=TrainConfig(epochs=2, group=g), progress=False)
+    boards = [train(cache, configs, data=data, config=TrainConfig(epochs=2, group=g), progress=False).leaderboard
               for g in (True, False)]
     a, b = (board.sort("student") for board in boards)
     assert a["student"].to_list() == b["student"].to_list()

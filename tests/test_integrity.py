@@ -28,9 +28,11 @@ from batchkit import cli_env, main
 from softcache.cache import store
 from softcache.cache.shards import finalize
 from softcache.errors import CacheError
-from softcache.cache.guard import MAX_CHUNKS, ROOT_METADATA_LIMIT
+from softcache.cache.guard import ROOT_METADATA_LIMIT
+from softcache.cache.layout import MAX_CHUNKS
 from softcache.cache.manifest import Manifest
-from softcache.cache.store import Cache, UnverifiedCacheWarning, open_cache
+from softcache.cache.check import UnverifiedCacheWarning
+from softcache.cache.store import Cache, open_cache
 from softcache.student.train import train
 from softcache.cache.check import validate
 
@@ -391,7 +393,7 @@ def test_a_0_1_0_cache_opens_validates_and_trains_with_a_warning(tmp_path: Path)
     assert any("no content digest" in w for w in result["warnings"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnverifiedCacheWarning)
-        board = train(cache, [STUDENT], progress=False)
+        board = train(cache, [STUDENT], progress=False).leaderboard
     assert board["test_accuracy"][0] > 0.5
     # a missing chunk of an old cache is an error too, with or without checksums
     chunk(old, "soft_labels", 1).unlink()

@@ -28,11 +28,12 @@ import torch
 from torch import nn
 
 from softcache.config import StudentConfig
-from softcache.student.stacked import LossSettings, StudentGroup, plan_groups, stacked_loss
+from softcache.student.loss import LossSettings, stacked_loss
+from softcache.student.stacked import StudentGroup, plan_groups
 from softcache.student.loaders import MemoryLoader
 from softcache.cache.store import Cache
-from softcache.student.stream import open_loader
-from softcache.student.train import StudentRun, cached_soft, fit, make_run, predict
+from softcache.student.loaders import open_loader
+from softcache.student.run import StudentRun, cached_soft, fit, make_run, predict
 
 MLP = "softcache.models:mlp,hidden=32"
 CNN = "softcache.models:tiny_cnn,channels=4"

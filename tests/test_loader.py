@@ -11,23 +11,18 @@ import pytest
 import torch
 from torch import nn
 
-import softcache.student.stream as stream
-from softcache.augment import cache_replay
+import softcache.student._chunks as chunks
+import softcache.student.loaders as loaders
+from softcache.views import cache_replay
 from softcache.teacher.build import build
 from softcache.config import StudentConfig, TrainConfig
 from softcache.digits import LabelledTensors
 from softcache.errors import UsageError
-from softcache.student.loaders import MemoryLoader
 from softcache.cache.store import Cache
-from softcache.student.stream import (
-    Prefetcher,
-    StreamLoader,
-    choose_mode,
-    epoch_groups,
-    memory_bytes,
-    open_loader,
-    parse_size,
-)
+from softcache.student._chunks import epoch_groups
+from softcache.student._prefetch import Prefetcher
+from softcache.student.loaders import MemoryLoader, choose_mode, memory_bytes, open_loader, parse_size
+from softcache.student.stream import StreamLoader
 from softcache.student.train import train
 
 ROWS, CHUNK = 500, 64  # 8 chunks, the last one short (52 rows)
@@ -114,13 +109,13 @@ def test_stream_mode_is_deterministic_and_reshuffles_each_epoch(small):
 def test_stream_mode_decodes_each_chunk_once_per_epoch_and_never_fancy_indexes(small, monkeypatch):
     cache, data = small
     reads: list[tuple[int, int]] = []
-    original = stream.read_rows
+    original = chunks.read_rows
 
     def recording(array, runs):
         reads.extend(runs)
         return original(array, runs)
 
-    monkeypatch.setattr(stream, "read_rows", recording)
+    monkeypatch.setattr(chunks, "read_rows", recording)
     monkeypatch.setattr(type(cache.train.array("soft_labels")), "oindex",
                         property(lambda self: pytest.fail("fancy indexing of the store")))
     loader = StreamLoader(cache, inputs=data.inputs, batch_size=50, buffer_chunks=3)
@@ -186,7 +181,7 @@ def test_ranks_read_disjoint_chunks_that_cover_the_cache(small):
 
 def test_epoch_groups_split_the_chunk_permutation():
     groups = epoch_groups(10, seed=0, epoch=3, rank=1, world_size=2, buffer_chunks=2, shuffle=True)
-    order = np.random.default_rng([stream._SEED_TAG, 0, 3]).permutation(10)
+    order = np.random.default_rng([chunks._SEED_TAG, 0, 3]).permutation(10)
     assert [g.tolist() for g in groups] == [sorted(order[1::2][i:i + 2].tolist()) for i in range(0, 5, 2)]
 
 
@@ -217,10 +212,10 @@ def test_auto_mode_follows_the_memory_budget(small, monkeypatch):
     assert choose_mode(cache.train, "auto", need - 1) == "stream"
     assert choose_mode(cache.train, "auto", need, with_inputs=True) == "stream"
     assert choose_mode(cache.train, "memory", 0) == "memory"
-    monkeypatch.setenv(stream.MEMORY_BUDGET_ENV, "1KB")
+    monkeypatch.setenv(loaders.MEMORY_BUDGET_ENV, "1KB")
     assert choose_mode(cache.train) == "stream"
     assert isinstance(open_loader(cache, inputs=data.inputs, batch_size=8), StreamLoader)
-    monkeypatch.setenv(stream.MEMORY_BUDGET_ENV, "1GiB")
+    monkeypatch.setenv(loaders.MEMORY_BUDGET_ENV, "1GiB")
     assert isinstance(open_loader(cache, inputs=data.inputs, batch_size=8), MemoryLoader)
     with pytest.raises(UsageError):
         choose_mode(cache.train, "disk")  # type: ignore[arg-type]
@@ -239,7 +234,7 @@ def test_training_in_stream_mode_gives_a_leaderboard(small, tmp_path: Path):
     cache, data = small
     students = [StudentConfig(spec="softcache.models:mlp,hidden=8", seed=s) for s in (0, 1)]
     board = train(cache, students, data=data, out_dir=tmp_path,
-                  config=TrainConfig(epochs=2, loader="stream", buffer_chunks=2), progress=False)
+                  config=TrainConfig(epochs=2, loader="stream", buffer_chunks=2), progress=False).leaderboard
     assert len(board) == 2 and board["final_loss"].is_not_null().all()
     assert (tmp_path / "leaderboard.parquet").exists()
 

@@ -33,7 +33,7 @@ from softcache.cache.location import (
     resolve_recorded,
     timeout_scope,
 )
-from softcache.spec import load_model, save_model, weights_digest
+from softcache.weights import load_model, save_model, weights_digest
 
 SECRET = "hunter2-s3cr3t"
 

@@ -6,10 +6,10 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from softcache.errors import CacheError, UsageError
 from softcache.cache.manifest import SCHEMA_VERSION, Manifest, Spec
-from softcache.schemas import render, schema_models
 from softcache.cache.store import Cache
+from softcache.errors import CacheError, UsageError
+from softcache.schemas import render, schema_models
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
 
@@ -24,6 +24,22 @@ def test_spec_round_trip_and_typed_values() -> None:
 def test_spec_rejects_bare_words() -> None:
     with pytest.raises(UsageError, match="key=value"):
         Spec.parse("softcache.models:mlp,32")
+
+
+@pytest.mark.parametrize(("text", "key", "what"), [
+    ("mymodule:mlp,hidden=", "'hidden'", "has no value"),
+    ("mymodule:mlp,depth=2,hidden= ", "'hidden'", "has no value"),
+    ("mymodule:mlp,=32", "'=32'", "has no name"),
+])
+def test_spec_with_an_empty_keyword_is_one_line_naming_spec_and_key(text: str, key: str, what: str) -> None:
+    with pytest.raises(UsageError) as refused:
+        Spec.parse(text)
+    message = str(refused.value)
+    assert "\n" not in message and repr(text) in message and key in message and what in message
+
+
+def test_spec_keeps_an_explicitly_empty_string() -> None:
+    assert Spec.parse('mymodule:mlp,name=""').kwargs == {"name": ""}
 
 
 def test_checked_in_schemas_match_models() -> None:

@@ -11,8 +11,8 @@ from softcache.config import StudentConfig
 from softcache.data import materialize
 from softcache.digits import load
 from softcache.student.loaders import MemoryLoader
-from softcache.spec import load_model
-from softcache.student.train import cached_soft, fit, make_run, online_soft
+from softcache.weights import load_model
+from softcache.student.run import cached_soft, fit, make_run, online_soft
 
 
 def test_cached_equals_live_teacher(teacher_path: Path, tmp_path: Path) -> None:

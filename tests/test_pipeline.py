@@ -15,14 +15,8 @@ from batchkit import REPO, cli, cli_env, main
 from softcache.cache import store
 from softcache.cache.shards import TargetMismatch
 from softcache.errors import UsageError
-from softcache.pipeline.run import (
-    PipelineConfig,
-    SweepGrid,
-    apply_set,
-    load_pipeline,
-    run_pipeline,
-    select_stages,
-)
+from softcache.pipeline.config import PipelineConfig, SweepGrid, apply_set, load_pipeline
+from softcache.pipeline.run import run_pipeline, select_stages
 from softcache.progress import Progress
 from softcache.schemas import render
 from softcache.cache.check import validate

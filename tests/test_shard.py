@@ -141,7 +141,7 @@ def test_reading_an_incomplete_cache_needs_allow_incomplete(tmp_path: Path, teac
     info = json.loads(allowed.stdout)
     assert (info["status"], info["shards_done"], info["shards_total"]) == ("building", 5, 9)
     # the figures cover the rows written so far, not the zero-filled rows of the missing shards
-    from softcache.cache.check import summarize
+    from softcache.cache.summary import summarize
 
     partial = store.open_cache(str(out), allow_incomplete=True)
     written = partial.train.sample_index() >= 0

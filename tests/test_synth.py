@@ -13,7 +13,7 @@ from softcache.config import StudentConfig, TrainConfig
 from softcache.demo import EVAL_SPEC, run_datafree_demo
 from softcache.errors import UsageError
 from softcache.models import tiny_cnn
-from softcache.spec import load_model
+from softcache.weights import load_model
 from softcache.cache.store import open_cache
 from softcache.teacher.synth import (
     SynthConfig,
@@ -78,7 +78,7 @@ def test_synthesized_cache_trains_without_data_and_beats_noise(tmp_path, teacher
     cfg = TrainConfig(epochs=40)
     acc = {}
     for name, result in (("di", inverted), ("noise", noise)):
-        board = train(result.cache, students, config=cfg, progress=False)  # no data given: stored inputs
+        board = train(result.cache, students, config=cfg, progress=False).leaderboard  # no data given: stored inputs
         acc[name] = board["test_accuracy"][0]
         assert board["teacher_agreement"][0] is not None  # the eval split holds the teacher's outputs
     assert acc["di"] > 0.6 and acc["di"] > acc["noise"] + 0.15, acc

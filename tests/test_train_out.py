@@ -22,6 +22,7 @@ from softcache.errors import UsageError
 from softcache.student.train import train
 
 MODULE = importlib.import_module("softcache.student.train")  # the package exports a function of that name
+RESULTS = importlib.import_module("softcache.student._results")  # where the results folder is written
 QUICK = TrainConfig(epochs=1, batch_size=64)
 
 
@@ -43,7 +44,7 @@ def cache_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def run(cache_url: str, out: Path, tag: str, **kwargs: object) -> pl.DataFrame:
     return train(cache_url, students(tag, kwargs.pop("count", 2)), out_dir=out, config=QUICK,  # type: ignore[arg-type]
-                 progress=False, **kwargs)  # type: ignore[arg-type]
+                 progress=False, **kwargs).leaderboard  # type: ignore[arg-type]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -103,7 +104,7 @@ def test_a_failure_while_writing_leaves_the_folder_as_it_was(cache_url: str, tmp
         run(cache_url, out, "old")
     before = snapshot(out) if earlier else None
     if where == "weights":
-        real, calls = MODULE.save_model, []
+        real, calls = RESULTS.save_model, []
 
         def save_model(*args: object, **kwargs: object) -> object:
             calls.append(1)
@@ -111,9 +112,9 @@ def test_a_failure_while_writing_leaves_the_folder_as_it_was(cache_url: str, tmp
                 raise OSError("disk full")
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(MODULE, "save_model", save_model)
+        monkeypatch.setattr(RESULTS, "save_model", save_model)
     else:
-        monkeypatch.setattr(MODULE, "leaderboard", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+        monkeypatch.setattr(RESULTS, "leaderboard", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
         run(cache_url, out, "new", overwrite=True)
     if earlier:
@@ -146,7 +147,7 @@ def test_a_crash_while_moving_into_place_leaves_old_or_new_never_a_mix(cache_url
                 raise OSError("killed")
         real(src, dst)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(MODULE.os, "replace", replace)
+    monkeypatch.setattr(RESULTS.os, "replace", replace)
     try:
         run(cache_url, out, "new", overwrite=True)
         finished = True

@@ -23,16 +23,9 @@ from softcache.demo import DATA_SPEC, DATAFREE_AUGMENT, EVAL_SPEC, MLP, TEACHER_
 from softcache.errors import CacheError, UsageError
 from softcache.cache.manifest import Manifest, Spec, compute_cache_key
 from softcache.models import mlp
-from softcache.spec import (
-    RECORDED_TARGETS,
-    TRUSTED_MODULES_ENV,
-    Trust,
-    call_spec,
-    load_model,
-    recorded_spec_problems,
-    save_model,
-    spec_problems,
-)
+from softcache.cache.trust import RECORDED_TARGETS, TRUSTED_MODULES_ENV, Trust, recorded_spec_problems, spec_problems
+from softcache.spec import call_spec
+from softcache.weights import load_model, save_model
 from softcache.cache.store import Cache
 from softcache.student.train import train
 from softcache.cache.check import validate
@@ -176,10 +169,10 @@ def test_a_recorded_dataset_spec_with_an_attribute_path_never_runs(cache: Cache,
     url = edited_copy(cache.url, tmp_path / "hostile.zarr",
                       _set("source", f"softcache.digits:np.load,file={marker},allow_pickle=true"))
     with pytest.raises(CacheError, match="attribute paths"):
-        train(url, [MLP], config=TrainConfig(epochs=1), progress=False, trust_cache_specs=False)
+        train(url, [MLP], config=TrainConfig(epochs=1), progress=False, trust=False)
     result = validate(url, deep=True)
     assert not result["valid"] and any("np.load" in e for e in result["errors"]), result
-    board = train(url, [MLP], data=DATA_SPEC, config=TrainConfig(epochs=1), progress=False)  # the user's data
+    board = train(url, [MLP], data=DATA_SPEC, config=TrainConfig(epochs=1), progress=False).leaderboard  # the user's data
     assert board.height == 1 and not marker.exists()
 
 
@@ -312,5 +305,5 @@ def test_an_own_module_cache_names_every_needed_flag_at_once_and_trains_once_tru
     assert ok.returncode == 0, ok.stderr
     (tmp_path / "pyproject.toml").write_text(f'[tool.softcache]\ntrusted-modules = ["{name}"]\n')
     assert validate(url)["valid"]
-    board = train(url, [MLP], config=TrainConfig(epochs=1), progress=False)
+    board = train(url, [MLP], config=TrainConfig(epochs=1), progress=False).leaderboard
     assert board["test_accuracy"][0] is not None

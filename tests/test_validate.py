@@ -83,3 +83,21 @@ def test_cache_opened_read_only_is_not_modified(cache: Cache) -> None:
 def test_unfinished_eval_shard_is_reported(copy: Path) -> None:
     zarr.open_array(str(copy / "eval" / "shard_done"), mode="r+")[0] = 0
     assert any(e.startswith("eval/shards not done: [0]") for e in validate(str(copy))["errors"])
+
+
+def test_an_ordinary_cache_validates_quietly_and_inspect_says_one_fixed_view(cache: Cache) -> None:
+    from softcache.cache.summary import summarize
+
+    assert validate(cache.url)["warnings"] == []
+    info = summarize(cache)
+    assert info["views"] == 1 and info["fixed_view"] is True
+
+
+def test_inspect_reports_the_teachers_held_out_accuracy_from_the_eval_split(cache: Cache) -> None:
+    from softcache.cache.summary import summarize
+
+    assert cache.eval is not None
+    expected = float((cache.eval.predictions() == cache.eval.labels()).mean())  # stored predictions vs labels
+    info = summarize(cache)
+    assert info["teacher_eval_accuracy"] == pytest.approx(expected)
+    assert 0.5 < info["teacher_eval_accuracy"] <= 1.0 and info["teacher_train_accuracy"] is not None

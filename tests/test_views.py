@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from softcache import augment as A
+from softcache import views as V
 from softcache.teacher.build import build
 from softcache._cli.main import main
 from softcache.demo import EVAL_SPEC
@@ -19,7 +20,8 @@ from softcache.errors import UsageError
 from softcache.student.loaders import MemoryLoader
 from softcache.cache.manifest import Spec
 from softcache.models import tiny_cnn
-from softcache.cache.store import VIEW_PARAMS, open_cache
+from softcache.cache.layout import VIEW_PARAMS
+from softcache.cache.store import open_cache
 from softcache.student.train import train
 from softcache.cache.check import validate
 
@@ -61,7 +63,7 @@ def test_student_sees_exactly_the_view_the_teacher_labelled(tmp_path, spec):
     assert not torch.equal(labelled[:, 0], raw)  # the views really are augmented
     assert not torch.equal(labelled[:, 0], labelled[:, 1])  # and differ from each other
 
-    replay = A.cache_replay(cache, raw)
+    replay = V.cache_replay(cache, raw)
     soft = torch.from_numpy(cache.train.soft_labels(view=None))
     loader = MemoryLoader(raw, soft, torch.from_numpy(cache.train.labels()), batch_size=64, shuffle_seed=3,
                           replay=replay)
@@ -82,7 +84,7 @@ def test_manifest_records_how_to_replay_and_the_cache_validates(tmp_path):
     cache = open_cache(url)
     v = cache.manifest.views
     assert (v.count, v.replay, v.augment, v.seed) == (4, "params", Spec.parse(CHAIN), 1)
-    assert v.param_names == A.load_augmentation(CHAIN).param_names
+    assert v.param_names == V.load_augmentation(CHAIN).param_names
     assert cache.train.array(VIEW_PARAMS).shape == (ROWS, 4, len(v.param_names))
     assert cache.train.array("soft_labels").shape[1] == 4
     assert cache.eval.array("soft_labels").shape[1] == 1  # the eval split is the clean input only
@@ -105,7 +107,7 @@ def test_view_seed_keys_the_cache(tmp_path):
 def test_training_on_a_multi_view_cache_runs_and_reports_accuracy(tmp_path, teacher_path):
     cache = build(str(teacher_path), "softcache.digits:load,split=train", str(tmp_path / "c.zarr"),
                   eval_data=EVAL_SPEC, views=2, augment="softcache.augment:compose,shift=1", progress=False)
-    board = train(cache, ["softcache.models:tiny_cnn"], config=TrainConfig(epochs=4), progress=False)
+    board = train(cache, ["softcache.models:tiny_cnn"], config=TrainConfig(epochs=4), progress=False).leaderboard
     assert board["test_accuracy"][0] > 0.5
 
 
@@ -135,8 +137,8 @@ def test_apply_that_is_not_a_function_of_its_parameters_is_refused():
     x = torch.rand(64, 1, 8, 8)
     p = torch.from_numpy(aug.sample(64, _rng(), population=64, shape=(1, 8, 8)))
     with pytest.raises(UsageError, match="cannot be replayed: apply"):
-        A.check_deterministic(aug, "custom", x, p, None)
-    A.check_deterministic(A.Shift(1), "shift", x, p, None)  # the honest one passes
+        V.check_deterministic(aug, "custom", x, p, None)
+    V.check_deterministic(A.Shift(1), "shift", x, p, None)  # the honest one passes
 
 
 def test_shift_moves_pixels_and_fills():
@@ -187,7 +189,7 @@ def test_mixup_and_cutmix_store_partner_and_factor():
 
 
 def test_views_do_not_depend_on_the_rest_of_the_batch():
-    aug = A.load_augmentation(CHAIN)
+    aug = V.load_augmentation(CHAIN)
     x = torch.rand(200, 1, 8, 8)
     p = torch.from_numpy(aug.sample(200, _rng(2), population=200, shape=(1, 8, 8)))
     fetch = lambda rows: x[rows]  # noqa: E731
@@ -197,7 +199,7 @@ def test_views_do_not_depend_on_the_rest_of_the_batch():
 
 
 def test_sampling_is_seeded():
-    aug = A.load_augmentation(CHAIN)
+    aug = V.load_augmentation(CHAIN)
     a, b = (aug.sample(10, _rng(7), population=10, shape=(1, 8, 8)) for _ in range(2))
     c = aug.sample(10, _rng(8), population=10, shape=(1, 8, 8))
     assert a.dtype == np.float32 and a.shape == (10, len(aug.param_names))

@@ -2,10 +2,11 @@
 
 A cache is an artifact other teams send each other, so every byte read from it is untrusted.
 All of softcache's reads go through :class:`GuardedStore`, a Zarr store wrapper that
-``store.open_group`` puts around the real store. It holds these rules in one place:
+:func:`open_group` (the one way a cache's root group is opened) puts around the real store. It
+holds these rules in one place:
 
 - **Only the format's encoding is decoded.** Every array's metadata is checked when it is read
-  (:func:`array_format`): a plain numeric dtype, a regular chunk grid, the default chunk keys,
+  (``layout.array_format``): a plain numeric dtype, a regular chunk grid, the default chunk keys,
   and the codecs softcache writes (``bytes``, little endian, then optionally ``crc32c``). A
   compressor, a filter or a string dtype is refused before any chunk is fetched, so a
   decompression bomb is never decoded and nothing decodes to more than the declared size.
@@ -13,7 +14,7 @@ All of softcache's reads go through :class:`GuardedStore`, a Zarr store wrapper 
   one byte; anything longer or shorter is refused. ``zarr.json`` documents are limited to
   :data:`ROOT_METADATA_LIMIT` (the root, which holds the consolidated metadata of every array)
   and :data:`METADATA_LIMIT` (every other node). An array may declare at most
-  :data:`MAX_CHUNKS` chunks of at most :data:`MAX_CHUNK_BYTES` each.
+  ``layout.MAX_CHUNKS`` chunks of at most ``layout.MAX_CHUNK_BYTES`` each.
 - **Local stores stay inside their directory.** A key that is (or passes through) a symbolic
   link resolving outside the store's root, or that is not a regular file (a device, a FIFO), is
   refused.
@@ -33,21 +34,24 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import math
 import os
 import re
 import stat
 from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import google_crc32c
 import numpy as np
+import zarr
 from zarr.abc.store import ByteRequest, RangeByteRequest, Store
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import WrapperStore
 
+from softcache.cache.layout import CHECKSUM_BYTES, ArrayFormat, array_format, is_flag
+from softcache.cache.location import Location, redact_text
+from softcache.cache.manifest import MANIFEST_ATTR, Manifest
 from softcache.errors import CacheError
 
 T = TypeVar("T")
@@ -56,103 +60,7 @@ ROOT_METADATA_LIMIT = 16 << 20
 """Bytes the root ``zarr.json`` may hold: it carries the consolidated metadata of every node."""
 METADATA_LIMIT = 1 << 20
 """Bytes any other ``zarr.json`` may hold (an array's is under 1 KiB)."""
-MAX_CHUNKS = 1 << 24
-"""Chunks one array may declare: 16.7M chunks of the default 4096 rows is 68 billion rows."""
-MAX_CHUNK_BYTES = 1 << 31
-"""Encoded bytes one chunk may declare (2 GiB)."""
-FORMAT_DTYPES = {"float16": 2, "float32": 4, "int32": 4, "int64": 8, "uint8": 1}
-"""The dtypes softcache writes, with their item sizes."""
-_CHECKSUM = 4  # bytes the crc32c codec appends to a chunk
 _COORD = re.compile(r"\d+")
-
-
-@dataclass(frozen=True)
-class ArrayFormat:
-    """What an array's metadata declares, once it passed :func:`array_format`."""
-
-    shape: tuple[int, ...]
-    dtype: str
-    chunks: tuple[int, ...]
-    checksummed: bool
-
-    @property
-    def grid(self) -> tuple[int, ...]:
-        return tuple(-(-s // c) for s, c in zip(self.shape, self.chunks))
-
-    @property
-    def nchunks(self) -> int:
-        return math.prod(self.grid)
-
-    @property
-    def chunk_bytes(self) -> int:
-        """Exact size of one stored chunk: zarr stores edge chunks at the full chunk shape."""
-        return math.prod(self.chunks) * FORMAT_DTYPES[self.dtype] + (_CHECKSUM if self.checksummed else 0)
-
-    def keys(self, path: str) -> Iterable[str]:
-        """Every chunk key of the grid, in row-major order of the chunk coordinates."""
-        for coords in np.ndindex(*self.grid):
-            yield chunk_key(path, coords)
-
-
-def chunk_key(path: str, coords: Iterable[int]) -> str:
-    """zarr's default chunk key: ``soft_labels/c/3/0/0``."""
-    return "/".join([path, "c", *(str(int(c)) for c in coords)])
-
-
-def array_format(meta: Mapping[str, Any]) -> ArrayFormat:
-    """Check one array's ``zarr.json`` (a dict) against what the format writes; ValueError says why not.
-
-    This is the only place that decides which encodings softcache reads: everything else
-    (compression, filters, sharding, other chunk keys, strings or objects) is refused because a
-    reader that decodes it can be made to allocate without bound or to misread the bytes."""
-    if meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
-        raise ValueError("not a Zarr v3 array")
-    dtype = meta.get("data_type")
-    if not isinstance(dtype, str) or dtype not in FORMAT_DTYPES:
-        raise ValueError(f"dtype {json.dumps(dtype)[:60]} is not one the format uses ({', '.join(FORMAT_DTYPES)})")
-    shape = _ints(meta.get("shape"), "shape", minimum=0)
-    grid = meta.get("chunk_grid")
-    if not isinstance(grid, Mapping) or grid.get("name") != "regular":
-        raise ValueError("chunk grid is not 'regular'")
-    chunks = _ints((grid.get("configuration") or {}).get("chunk_shape"), "chunk shape", minimum=1)
-    if len(chunks) != len(shape):
-        raise ValueError(f"chunk shape {list(chunks)} does not match shape {list(shape)}")
-    encoding = meta.get("chunk_key_encoding")
-    separator = (encoding.get("configuration") or {}).get("separator", "/") if isinstance(encoding, Mapping) else None
-    if not isinstance(encoding, Mapping) or encoding.get("name") != "default" or separator != "/":
-        raise ValueError("chunk keys are not zarr's default '/'-separated keys")
-    if meta.get("storage_transformers"):
-        raise ValueError("storage transformers are not part of the format")
-    checksummed = _codecs(meta.get("codecs"), FORMAT_DTYPES[dtype])
-    fmt = ArrayFormat(shape, dtype, chunks, checksummed)
-    if fmt.nchunks > MAX_CHUNKS:
-        raise ValueError(f"declares {fmt.nchunks} chunks, more than the {MAX_CHUNKS} an array of the format may hold")
-    if fmt.chunk_bytes > MAX_CHUNK_BYTES:
-        raise ValueError(f"declares chunks of {fmt.chunk_bytes} bytes, more than the {MAX_CHUNK_BYTES} the format allows")
-    return fmt
-
-
-def _ints(value: Any, what: str, *, minimum: int) -> tuple[int, ...]:
-    if not isinstance(value, (list, tuple)) or not all(type(v) is int and v >= minimum for v in value):
-        raise ValueError(f"{what} is not a list of integers >= {minimum}")
-    return tuple(value)
-
-
-def _codecs(codecs: Any, itemsize: int) -> bool:
-    """``[bytes(little endian)]`` or ``[bytes(little endian), crc32c]``; True with the checksum."""
-    if not isinstance(codecs, (list, tuple)):
-        raise ValueError(f"codecs {repr(codecs)[:60]} are not a list")
-    names = [c.get("name") if isinstance(c, Mapping) else c for c in codecs]
-    if names not in (["bytes"], ["bytes", "crc32c"]):
-        shown = ", ".join(str(n)[:40] for n in names[:8])
-        raise ValueError(f"codecs [{shown}] are not the format's (bytes, optionally followed by crc32c)")
-    config = (codecs[0].get("configuration") or {}) if isinstance(codecs[0], Mapping) else {}
-    endian = config.get("endian")
-    if set(config) - {"endian"} or (endian != "little" and not (itemsize == 1 and endian is None)):
-        raise ValueError(f"bytes codec configuration {json.dumps(config)[:60]} is not little endian")
-    if len(codecs) == 2 and isinstance(codecs[1], Mapping) and codecs[1].get("configuration"):
-        raise ValueError("the crc32c codec takes no configuration")
-    return len(codecs) == 2
 
 
 MissingOk = Callable[[str, int], bool]
@@ -167,21 +75,23 @@ class _Known:
 
 
 class GuardedStore(WrapperStore[Store]):
-    """The store wrapper of the module doc. ``name`` (the URL) prefixes its error messages;
-    ``local_root`` is the store's directory when it is on the local file system."""
+    """The store wrapper of the module doc. ``name`` (the redacted URL) prefixes its error
+    messages; ``local_root`` is the store's directory when it is on the local file system;
+    ``listable`` is False where keys cannot be listed (HTTP), so only named keys are read."""
 
     def __init__(self, store: Store, *, name: str = "", local_root: str | None = None, strict: bool = True,
-                 missing_ok: MissingOk | None = None, known: _Known | None = None):
+                 missing_ok: MissingOk | None = None, known: _Known | None = None, listable: bool = True):
         super().__init__(store)
         self.name = name
         self.local_root = os.path.realpath(local_root) if local_root is not None else None
         self.strict = strict
         self.missing_ok = missing_ok
+        self.listable = listable
         self._known = known if known is not None else _Known()
 
     def _with_store(self, store: Store) -> GuardedStore:
         return GuardedStore(store, name=self.name, local_root=self.local_root, strict=self.strict,
-                            missing_ok=self.missing_ok, known=self._known)
+                            missing_ok=self.missing_ok, known=self._known, listable=self.listable)
 
     def __repr__(self) -> str:
         return f"GuardedStore({self._store!r})"
@@ -210,7 +120,7 @@ class GuardedStore(WrapperStore[Store]):
                              "(truncated or replaced); refused")
         if fmt.checksummed:
             data = value.as_numpy_array()
-            if np.uint32(google_crc32c.value(data[:-_CHECKSUM])).tobytes() != bytes(data[-_CHECKSUM:]):
+            if np.uint32(google_crc32c.value(data[:-CHECKSUM_BYTES])).tobytes() != bytes(data[-CHECKSUM_BYTES:]):
                 raise CacheError(f"{self.name}: chunk {key!r} fails its crc32c checksum: the stored bytes were "
                                  "changed or damaged")
         return value
@@ -358,7 +268,7 @@ def content_digest(store: GuardedStore, arrays: Mapping[str, ArrayFormat], concu
     keys = [key for path in sorted(arrays) for key in arrays[path].keys(path)]
     hashes: list[str] = [""] * len(keys)
     prototype = default_buffer_prototype()
-    strict = GuardedStore(store._store, name=store.name, local_root=store.local_root, strict=True, known=store._known)
+    strict = replace_strict(store)
 
     async def one(i: int) -> None:
         value = await strict.get(keys[i], prototype)
@@ -372,3 +282,62 @@ def content_digest(store: GuardedStore, arrays: Mapping[str, ArrayFormat], concu
         run(batch(first))
     lines = "".join(f"{key} {digest}\n" for key, digest in zip(keys, hashes))
     return hashlib.sha256(lines.encode()).hexdigest(), len(keys)
+
+
+def replace_strict(store: GuardedStore) -> GuardedStore:
+    """The same store refusing every missing chunk (what a digest or a check must read)."""
+    return GuardedStore(store._store, name=store.name, local_root=store.local_root, strict=True, known=store._known,
+                        listable=store.listable)
+
+
+# -- opening a cache: the guarded root group of a Location ---------------------------------------
+
+
+def guarded_store(where: Location, mode: str = "r") -> GuardedStore:
+    """The store at ``where`` (a local directory, or fsspec with the location's timeout) inside
+    the guard. Opened for reading (``mode="r"``) it refuses missing chunks, except shard flags."""
+    read_only = mode == "r"
+    inner: Store
+    if where.remote:
+        inner = zarr.storage.FsspecStore.from_url(where.url, storage_options=where.storage_options, read_only=read_only)
+    else:
+        inner = zarr.storage.LocalStore(where.zarr_url, read_only=read_only)
+    return GuardedStore(inner, name=str(where), local_root=None if where.remote else where.path, strict=read_only,
+                        missing_ok=lambda path, first_row: is_flag(path), listable=where.listable)
+
+
+def open_group(where: str | Location, mode: str = "r", *, consolidated: bool | None = None) -> zarr.Group:
+    """Open the root group; a missing path or a non-Zarr directory is a clear CacheError.
+
+    Only ``zarr.json`` is read (no probing for Zarr v2 files), and whether the path exists is
+    asked only after a failure, so opening a remote cache is one or two requests. The arrays'
+    metadata comes from the consolidated copy when there is one, unless ``consolidated=False``
+    (checkers read each array's own ``zarr.json``). Every read goes through :func:`guarded_store`.
+    An operation opens the group once and passes it on."""
+    where = Location.of(where)
+    try:
+        with where.errors():
+            return zarr.open_group(guarded_store(where, mode), mode=mode, zarr_format=3,  # type: ignore[arg-type]
+                                   use_consolidated=consolidated)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        if where.listable:
+            with where.errors():
+                if not where.fs.exists(where.path):
+                    raise CacheError(f"{where}: no such cache (path does not exist)") from None
+        raise CacheError(f"{where}: not a Zarr v3 group (no zarr.json): not a softcache cache") from None
+    except (ValueError, zarr.errors.NodeTypeValidationError) as exc:
+        raise CacheError(f"{where}: not a readable Zarr v3 group ({redact_text(str(exc))})") from None
+
+
+def unconsolidated(group: zarr.Group) -> zarr.Group:
+    """The same root group reading every node's own ``zarr.json`` instead of the consolidated
+    copy, without reading the root again (what checkers compare the copy with)."""
+    inner = group._async_group
+    return zarr.Group(replace(inner, metadata=replace(inner.metadata, consolidated_metadata=None)))
+
+
+def read_manifest(group: zarr.Group, where: str | Location) -> Manifest:
+    """The manifest in the root group's attributes (a group without one is not a cache)."""
+    if MANIFEST_ATTR not in group.attrs:
+        raise CacheError(f"{Location.of(where)}: Zarr group has no '{MANIFEST_ATTR}' attribute: not a softcache cache")
+    return Manifest.from_json(group.attrs[MANIFEST_ATTR])

@@ -142,6 +142,30 @@ class Location:
         return self.scheme in READ_ONLY_SCHEMES
 
     @property
+    def listable(self) -> bool:
+        """Whether the store's keys can be listed (HTTP servers cannot: only named keys are read)."""
+        return not self.read_only
+
+    def require_writable(self, doing: str) -> None:
+        """Refuse to ``doing`` (write a cache, finalize it, sign it) at a read-only location:
+        the one message for it."""
+        if self.read_only:
+            raise UsageError(f"{self}: cannot {doing} there: http(s) URLs are read-only; "
+                             "caches are written to a path, file:// or s3://")
+
+    def native(self) -> Location:
+        """The same place named as zarr and fsspec open it: a ``file://`` URL as the local path
+        it names (written caches record and report that path), anything else as it is."""
+        return self if self.zarr_url == self.url else Location(self.zarr_url, self.timeout)
+
+    def sibling(self, suffix: str) -> Location | None:
+        """The location named ``URL + suffix`` beside this one (build-lock entries, signatures);
+        None for a store at the root of a bucket or disk, which has nothing beside it."""
+        if "/" not in self.path.rstrip("/"):
+            return None
+        return Location(self.url.rstrip("/") + suffix, self.timeout)
+
+    @property
     def local_path(self) -> Path | None:
         """The filesystem path of a local location (``file://`` included); None when remote."""
         if self.remote:

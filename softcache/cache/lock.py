@@ -38,8 +38,9 @@ from typing import Any
 
 import fsspec
 
-from softcache.errors import UsageError
+from softcache.cache.location import Location
 from softcache.cache.manifest import now_iso
+from softcache.errors import UsageError
 
 LOCK_SUFFIX = ".building"
 REFRESH_S = 15.0
@@ -64,12 +65,12 @@ class Holder:
                 f"last seen {max(0.0, now - self.refreshed):.0f}s ago")
 
 
-def lock_dir(url: str) -> tuple[fsspec.AbstractFileSystem, str | None]:
+def lock_dir(url: str | Location) -> tuple[fsspec.AbstractFileSystem, str | None]:
     """Where the entries of ``url``'s builders go; None for a cache at the root of a bucket,
     which has nothing beside it (such builds are not guarded)."""
-    fs, path = fsspec.core.url_to_fs(url)
-    path = path.rstrip("/")
-    return fs, (path + LOCK_SUFFIX if "/" in path else None)
+    where = Location.of(url)
+    beside = where.sibling(LOCK_SUFFIX)
+    return where.fs, (where.path.rstrip("/") + LOCK_SUFFIX if beside is not None else None)
 
 
 def _pid_namespace() -> str:
@@ -111,7 +112,7 @@ def is_live(holder: Holder, now: float, stale_s: float = STALE_S) -> bool:
     return now - holder.refreshed < stale_s
 
 
-def holders(url: str) -> list[Holder]:
+def holders(url: str | Location) -> list[Holder]:
     """Every readable entry; one that cannot be parsed (a half-written file of a killed process)
     is skipped: it says nothing about a live builder, whose entries are written whole."""
     fs, directory = lock_dir(url)
@@ -151,7 +152,7 @@ def _write_entry(fs: fsspec.AbstractFileSystem, path: str, entry: dict[str, Any]
         fs.pipe_file(path, data)
 
 
-def register(url: str, *, role: str, exclusive: bool, finished_since: Callable[[str], bool],
+def register(url: str | Location, *, role: str, exclusive: bool, finished_since: Callable[[str], bool],
              refresh_s: float = REFRESH_S, stale_s: float = STALE_S) -> None:
     """Record this process as a builder of ``url`` and keep the record fresh until the cache is
     complete or the record is removed (by :func:`release_all`, or by a taking-over build).
@@ -183,38 +184,45 @@ def register(url: str, *, role: str, exclusive: bool, finished_since: Callable[[
     _keep_fresh(fs, mine, finished_since, refresh_s)
 
 
-def _refuse(url: str, directory: str, holder: Holder, now: float, stale_s: float) -> None:
+def _refuse(url: str | Location, directory: str, holder: Holder, now: float, stale_s: float) -> None:
     raise UsageError(
-        f"{url}: another process is building this cache now ({holder.describe(now)}); wait for it to finish or "
+        f"{Location.of(url)}: another process is building this cache now ({holder.describe(now)}); wait for it to finish or "
         f"stop it first. If it is gone, remove {directory} (entries of dead processes on this host, and of other "
         f"hosts not seen for {stale_s:.0f}s, are taken over automatically)"
     )
 
 
-def _keep_fresh(fs: fsspec.AbstractFileSystem, path: str, finished_since: Callable[[str], bool],
-                refresh_s: float) -> None:
-    """A daemon thread that rewrites the entry every ``refresh_s`` seconds (one per entry; it
-    refreshes whatever this process last registered there)."""
-    name = f"softcache-building:{path}"
-    if any(t.name == name and t.is_alive() for t in threading.enumerate()):
-        return
+class _Refresher(threading.Thread):
+    """The daemon that rewrites one entry every ``refresh_s`` seconds until the cache is
+    finalized; ``stop`` ends it at once, without another request to the store."""
 
-    def refresh() -> None:
-        while True:
-            time.sleep(refresh_s)
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, finished_since: Callable[[str], bool],
+                 refresh_s: float):
+        super().__init__(name=f"softcache-building:{path}", daemon=True)
+        self.fs, self.path, self.finished_since, self.refresh_s = fs, path, finished_since, refresh_s
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.refresh_s):
             try:
-                fs.invalidate_cache(path)
-                entry = json.loads(fs.cat_file(path))  # gone: released by finalize, or taken over
-                _write_entry(fs, path, entry)
-                if finished_since(entry["started_at"]):  # finalized meanwhile: leave nothing behind
-                    _withdraw(fs, path)
+                self.fs.invalidate_cache(self.path)
+                entry = json.loads(self.fs.cat_file(self.path))  # gone: released by finalize, or taken over
+                _write_entry(self.fs, self.path, entry)
+                if self.finished_since(entry["started_at"]):  # finalized meanwhile: leave nothing behind
+                    _withdraw(self.fs, self.path)
                     return
             except FileNotFoundError:
                 return
-            except Exception:  # noqa: BLE001 - a failed refresh (network) is retried at the next beat
+            except Exception:
                 continue
 
-    threading.Thread(target=refresh, name=name, daemon=True).start()
+
+def _keep_fresh(fs: fsspec.AbstractFileSystem, path: str, finished_since: Callable[[str], bool],
+                refresh_s: float) -> None:
+    """One refreshing thread per entry; it refreshes whatever this process last registered there."""
+    if any(isinstance(t, _Refresher) and t.path == path and t.is_alive() for t in threading.enumerate()):
+        return
+    _Refresher(fs, path, finished_since, refresh_s).start()
 
 
 def _withdraw(fs: fsspec.AbstractFileSystem, path: str) -> None:
@@ -236,11 +244,14 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in protocols or "local" in protocols
 
 
-def release_all(url: str) -> None:
+def release_all(url: str | Location) -> None:
     """Remove every entry: the cache is complete, nobody is building it any more."""
     fs, directory = lock_dir(url)
     if directory is None:
         return
+    for thread in threading.enumerate():  # this process's refreshers of that cache stop without a request
+        if isinstance(thread, _Refresher) and thread.path.startswith(f"{directory.rstrip('/')}/"):
+            thread.stop.set()
     try:
         fs.rm(directory, recursive=True)
     except (FileNotFoundError, NotADirectoryError):

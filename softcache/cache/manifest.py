@@ -51,10 +51,15 @@ class Spec(_Model):
             if "=" not in pair:
                 raise UsageError(f"spec {text!r}: expected key=value after the target, got {pair!r}")
             key, value = pair.split("=", 1)
+            key = key.strip()
+            if not key:
+                raise UsageError(f"spec {text!r}: keyword {pair!r} has no name (write key=value)")
+            if not value.strip():  # would reach the callable as "" and fail deep inside it
+                raise UsageError(f"spec {text!r}: keyword {key!r} has no value (write {key}=VALUE, or leave it out)")
             try:
-                kwargs[key.strip()] = json.loads(value)
+                kwargs[key] = json.loads(value)
             except json.JSONDecodeError:
-                kwargs[key.strip()] = value
+                kwargs[key] = value
         return cls(target=head, kwargs=kwargs)
 
     def __str__(self) -> str:

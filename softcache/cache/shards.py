@@ -14,7 +14,8 @@ The protocol that keeps one shared store consistent without locks:
    with the *same cache key and layout*; a shard worker joins it, a plain build joins it only with
    ``--resume``, anything else is refused with a one-line error. Under torchrun rank 0 opens the
    target first and the other ranks join after it succeeded (a gloo broadcast carries rank 0's
-   error to every rank, so all ranks fail the same way).
+   error to every rank, so all ranks fail the same way: ``teacher.workers.WorkerGroup``).
+   The group opened or created there is the one the worker writes through.
 2. **Label the units** not flagged done, writing whole chunks through the background writer; a
    unit's flag is set only after the writer has stored every chunk of that unit. Units never share
    a chunk: shards are whole chunks, and each flag has a chunk of its own.
@@ -35,24 +36,24 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import timedelta
-from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import numpy as np
 import zarr
 
 from softcache.cache import lock as buildlock
-
 from softcache.cache import store
-from softcache.errors import CacheError, SoftcacheError, UsageError
-from softcache.cache.manifest import MANIFEST_ATTR, Integrity, Manifest, now_iso
+from softcache.cache.check import CacheCheck, check_cache, content_digest
+from softcache.cache.guard import open_group, read_manifest
+from softcache.cache.layout import EVAL, INDEX, SHARD_DONE, ArraySpec, flag_spec
+from softcache.cache.location import Location
+from softcache.cache.manifest import Integrity, Manifest, now_iso
+from softcache.errors import CacheError, UsageError
 
-T = TypeVar("T")
 TargetState = Literal["created", "joined", "complete"]
-SplitArrays = Mapping[str, Mapping[str, store.ArraySpec]]
+SplitArrays = Mapping[str, Mapping[str, ArraySpec]]
 """Arrays per split: ``{"train": {...}, "eval": {...}}``; the eval entry only when it is built."""
 
 
@@ -145,18 +146,18 @@ def assigned(units: list[WorkUnit], shard: ShardSpec) -> list[WorkUnit]:
 
 
 def split_group(group: zarr.Group, split: str) -> zarr.Group:
-    return group if split == "train" else group[store.EVAL]  # type: ignore[return-value]
+    return group if split == "train" else group[EVAL]  # type: ignore[return-value]
 
 
-def with_flags(manifest: Manifest, arrays: SplitArrays) -> dict[str, dict[str, store.ArraySpec]]:
+def with_flags(manifest: Manifest, arrays: SplitArrays) -> dict[str, dict[str, ArraySpec]]:
     """The split arrays plus each split's ``shard_done`` (one uint8 chunk per shard)."""
     rows = {"train": manifest.layout.rows, "eval": manifest.eval.rows if manifest.eval else 0}
-    return {split: {**specs, store.SHARD_DONE: store.flag_spec(manifest, rows[split])} for split, specs in arrays.items()}
+    return {split: {**specs, SHARD_DONE: flag_spec(manifest, rows[split])} for split, specs in arrays.items()}
 
 
-def _split_paths(arrays: SplitArrays) -> dict[str, dict[str, store.ArraySpec]]:
+def _split_paths(arrays: SplitArrays) -> dict[str, ArraySpec]:
     """Array paths relative to the root, for ``store.ensure_arrays``."""
-    return {("" if split == "train" else f"{store.EVAL}/") + name: spec
+    return {("" if split == "train" else f"{EVAL}/") + name: spec
             for split, specs in arrays.items() for name, spec in specs.items()}  # type: ignore[misc]
 
 
@@ -164,7 +165,7 @@ class TargetMismatch(UsageError):
     """The target holds another cache (other key or layout): never joined, replaced only on request."""
 
 
-def _same_build(url: str, found: Manifest, wanted: Manifest) -> None:
+def _same_build(url: Location, found: Manifest, wanted: Manifest) -> None:
     if found.cache_key != wanted.cache_key:
         raise TargetMismatch(
             f"{url}: holds a different cache (key {found.cache_key[:12]}, this build {wanted.cache_key[:12]}: "
@@ -178,68 +179,68 @@ def _same_build(url: str, found: Manifest, wanted: Manifest) -> None:
         )
 
 
-def open_target(url: str, manifest: Manifest, arrays: SplitArrays, *, overwrite: bool, resume: bool,
-                joining: bool) -> TargetState:
+def open_target(url: str | Location, manifest: Manifest, arrays: SplitArrays, *, overwrite: bool, resume: bool,
+                joining: bool) -> tuple[TargetState, zarr.Group]:
     """Create the store at ``url`` or join the same build's store there (see the module doc).
 
-    Returns ``created``, ``joined`` (a partial store of this build) or ``complete`` (nothing left
-    to do). ``joining`` is set for shard workers, which expect others to have created the store.
+    Returns the state, ``created``, ``joined`` (a partial store of this build) or ``complete``
+    (nothing left to do), and the root group, opened once for writing. ``joining`` is set for
+    shard workers, which expect others to have created the store.
     """
-    if store.is_readonly(url):
-        raise UsageError(f"{url}: http(s) URLs are read-only; write caches to a path, file:// or s3://")
+    where = Location.of(url)
+    where.require_writable("write a cache")
     if overwrite and joining:
         raise UsageError("--overwrite cannot be combined with --shard: every worker would delete the others' "
                          "work; remove the old cache first, or launch the workers with torchrun")
     specs = _split_paths(with_flags(manifest, arrays))
-    found = None if overwrite else store.peek_manifest(url)
+    found = None if overwrite else store.peek(where, "r+")
     if found is None:
         try:
-            store.prepare_target(url, overwrite=overwrite)
+            store.prepare_target(where, overwrite=overwrite)
         except UsageError:
             # Job-array tasks start together: the path may be another worker's store caught
             # between its first file and its zarr.json. Give that worker a moment.
-            found = _wait_for_manifest(url) if joining else None
-            if found is None:
+            if not (joining and _wait_for_manifest(where)):
                 raise
-            return open_target(url, manifest, arrays, overwrite=False, resume=resume, joining=joining)
-        _register(url, "build", exclusive=False)  # before the first file: an overwrite elsewhere sees us
+            return open_target(where, manifest, arrays, overwrite=False, resume=resume, joining=joining)
+        _register(where, "build", exclusive=False)  # before the first file: an overwrite elsewhere sees us
         try:
-            group = zarr.create_group(url, attributes={MANIFEST_ATTR: manifest.to_json()}, zarr_format=3,
-                                      overwrite=False)
+            group = store.create_root(where, manifest)
         except zarr.errors.ContainsGroupError:  # another worker created it a moment ago
-            return open_target(url, manifest, arrays, overwrite=False, resume=resume, joining=joining)
+            return open_target(where, manifest, arrays, overwrite=False, resume=resume, joining=joining)
         store.ensure_arrays(group, specs)
-        return "created"
-    _same_build(url, found, manifest)
-    if found.status.state == "complete":
+        return "created", group
+    group, existing = found
+    _same_build(where, existing, manifest)
+    if existing.status.state == "complete":
         if resume or joining:
-            return "complete"
-        raise UsageError(f"{url}: this cache is already built and complete (same cache key); "
+            return "complete", group
+        raise UsageError(f"{where}: this cache is already built and complete (same cache key); "
                          "pass --overwrite to rebuild it")
     if not (resume or joining):
-        done, total = units_done(store.open_group(url, "r"), found)
-        raise UsageError(f"{url}: a partial cache of this build is there ({done}/{total} shards done; still "
+        done, total = units_done(group, existing)
+        raise UsageError(f"{where}: a partial cache of this build is there ({done}/{total} shards done; still "
                          "running, or interrupted): pass --resume to finish it, or --overwrite to start over")
     # shard workers join a running build on purpose; --resume takes over only a build nobody runs
-    _register(url, "join" if joining else "resume", exclusive=not joining)
-    store.ensure_arrays(store.open_group(url, "r+"), specs)
-    return "joined"
+    _register(where, "join" if joining else "resume", exclusive=not joining)
+    store.ensure_arrays(group, specs)
+    return "joined", group
 
 
-def _register(url: str, role: str, exclusive: bool) -> None:
-    """Record this process as a builder of ``url`` (see ``buildlock``): an ``--overwrite`` or
+def _register(where: Location, role: str, exclusive: bool) -> None:
+    """Record this process as a builder of ``where`` (see ``lock``): an ``--overwrite`` or
     ``--resume`` elsewhere is refused while it builds."""
-    buildlock.register(url, role=role, exclusive=exclusive, finished_since=lambda since: store.finished_since(url, since))
+    buildlock.register(where, role=role, exclusive=exclusive,
+                       finished_since=lambda since: store.finished_since(where, since))
 
 
-def _wait_for_manifest(url: str, seconds: float = 10.0) -> Manifest | None:
+def _wait_for_manifest(where: Location, seconds: float = 10.0) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         time.sleep(0.2)
-        found = store.peek_manifest(url)
-        if found is not None:
-            return found
-    return None
+        if store.peek_manifest(where) is not None:
+            return True
+    return False
 
 
 def _flags(group: zarr.Group, manifest: Manifest, split: str) -> tuple[np.ndarray, int]:
@@ -248,7 +249,7 @@ def _flags(group: zarr.Group, manifest: Manifest, split: str) -> tuple[np.ndarra
     rows = manifest.layout.rows if split == "train" else (manifest.eval.rows if manifest.eval else 0)
     expected = len(shard_ranges(rows, manifest.layout.shard_rows))
     g = split_group(group, split)
-    flags = store.shards_done(g) if store.SHARD_DONE in g else np.zeros(expected, dtype=bool)
+    flags = store.shards_done(g) if SHARD_DONE in g else np.zeros(expected, dtype=bool)
     return flags, expected
 
 
@@ -262,7 +263,7 @@ def units_done(group: zarr.Group, manifest: Manifest) -> tuple[int, int]:
 
 
 def _splits(group: zarr.Group, manifest: Manifest) -> list[str]:
-    return ["train"] + (["eval"] if manifest.eval is not None and store.EVAL in group else [])
+    return ["train"] + (["eval"] if manifest.eval is not None and EVAL in group else [])
 
 
 def pending(group: zarr.Group, units: list[WorkUnit]) -> list[WorkUnit]:
@@ -271,15 +272,15 @@ def pending(group: zarr.Group, units: list[WorkUnit]) -> list[WorkUnit]:
     return [u for u in units if not flags[u.split][u.shard]]
 
 
-def check_arrays(group: zarr.Group, manifest: Manifest) -> store.CacheCheck:
+def check_arrays(group: zarr.Group, manifest: Manifest) -> CacheCheck:
     """What forbids marking the cache complete: an unset flag, any array the manifest implies
-    missing or not as it implies (``store.check_cache``, the checker ``validate`` uses too), a
+    missing or not as it implies (``check.check_cache``, the checker ``validate`` uses too), a
     chunk not stored, or rows never written (``sample_index`` -1). Reads the flags, one listing
     per array and the sample index; ``group`` must be opened read-only, so a missing chunk is an
     error rather than a fill value."""
-    check = store.check_cache(group, manifest, listing=True, flags=True)
-    for prefix, rows in (("", manifest.layout.rows), (f"{store.EVAL}/", manifest.eval.rows if manifest.eval else 0)):
-        found = check.arrays.get(prefix + store.INDEX)
+    check = check_cache(group, manifest, listing=True, flags=True)
+    for prefix, rows in (("", manifest.layout.rows), (f"{EVAL}/", manifest.eval.rows if manifest.eval else 0)):
+        found = check.arrays.get(prefix + INDEX)
         if found is None or not rows:
             continue
         try:
@@ -290,7 +291,7 @@ def check_arrays(group: zarr.Group, manifest: Manifest) -> store.CacheCheck:
     return check
 
 
-def finalize(url: str) -> Manifest:
+def finalize(url: str | Location) -> Manifest:
     """Check the store, record its content digest, consolidate its metadata and mark it complete.
 
     The check covers every array the manifest implies (a cache missing one is never marked
@@ -299,119 +300,59 @@ def finalize(url: str) -> Manifest:
     stays out of the cache key. Consolidation comes before the manifest update, so a complete
     cache always opens with one metadata read; a worker killed in between leaves a building cache
     that the next finalize completes. Idempotent: finalizing twice records the same digest.
+    The root group is opened once (read-only, each array's own metadata); the manifest is
+    written through the group that consolidation returns.
     """
-    if store.is_readonly(url):
-        raise UsageError(f"{url}: http(s) URLs are read-only; finalize the cache where it is written")
-    group = store.open_group(url, "r", consolidated=False)
-    manifest = store.read_manifest(group, url)
+    return _finalize(Location.of(url), again=True)
+
+
+def _finalize(where: Location, again: bool) -> Manifest:
+    """:func:`finalize`; with ``again`` False a cache already complete is left as it is."""
+    where.require_writable("finalize a cache")
+    group = open_group(where, "r", consolidated=False)
+    manifest = read_manifest(group, where)
+    if manifest.status.state == "complete" and not again:
+        return manifest
     check = check_arrays(group, manifest)
     if check.errors:
-        raise CacheError(f"{url}: cannot finalize: " + "; ".join(check.errors))
-    store.remove_partial_files(url)
-    digest, chunks = store.content_digest(group, check)
+        raise CacheError(f"{where}: cannot finalize: " + "; ".join(check.errors))
+    store.remove_partial_files(where)
+    digest, chunks = content_digest(group, check)
     integrity = Integrity(chunk_checksum=None if check.unverified else "crc32c", content_digest=digest, chunks=chunks)
-    store.consolidate(url)
-    group = store.open_group(url, "r+")
-    manifest = store.read_manifest(group, url)
     completing = manifest.status.state != "complete"
+    consolidated = store.consolidate(where)
     if completing or manifest.integrity != integrity:
         manifest.integrity = integrity
         if completing:
             manifest.status.state = "complete"
             manifest.status.finished_at = now_iso()
-        store.write_manifest(group, manifest)
+        store.write_manifest(consolidated, manifest)
     if completing:
-        buildlock.release_all(url)  # complete: nobody builds it any more
+        buildlock.release_all(where)  # complete: nobody builds it any more
     return manifest
 
 
-def finalize_if_done(url: str) -> bool:
-    """Finalize when every flag is set (the last worker does it); True when the cache is complete."""
-    group = store.open_group(url, "r")
-    manifest = store.read_manifest(group, url)
+def finalize_if_done(url: str | Location, group: zarr.Group) -> bool:
+    """Finalize when every flag is set (the last worker does it); True when the cache is complete.
+
+    ``group`` is the worker's own root group from :func:`open_target`: its manifest is the one
+    read or written when it was opened, and the flags are read through it, fresh. Finalizing
+    opens the store read-only once more, and leaves it alone when another worker finished first."""
+    manifest = read_manifest(group, url)
     if manifest.status.state == "complete":
         return True
     done, total = units_done(group, manifest)
     if done < total:
         return False
-    finalize(url)
+    _finalize(Location.of(url), again=False)
     return True
 
 
-class WorkerGroup:
-    """The torchrun process group (gloo, CPU) when launched by torchrun; a no-op otherwise.
-
-    Only the start of a build is collective: :meth:`first` runs on rank 0 before the other ranks
-    and carries rank 0's outcome to them. The end is not: the last worker to finish finalizes,
-    so a fast rank never waits (and never times out) on a slow one.
-    """
-
-    def __init__(self, shard: ShardSpec, timeout_s: float | None = None):
-        self.shard = shard
-        self.active = shard.source == "torchrun"
-        self.timeout_s = timeout_s or float(os.environ.get("SOFTCACHE_DIST_TIMEOUT", "1800"))
-        self._owner = False
-
-    def __enter__(self) -> WorkerGroup:
-        if self.active:
-            import torch.distributed as dist
-
-            if not dist.is_available():
-                raise UsageError("this torch build has no torch.distributed; use --shard I/N instead of torchrun")
-            if not dist.is_initialized():
-                dist.init_process_group("gloo", timeout=timedelta(seconds=self.timeout_s))
-                self._owner = True
-        return self
-
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
-        if self._owner:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-            self._owner = False
-
-    def first(self, fn: Callable[[], T], then: Callable[[], T] | None = None) -> T:
-        """Run ``fn`` on rank 0; after it succeeds the other ranks run ``then`` (default ``fn``).
-        An error on rank 0 is raised on every rank, as the same kind of error."""
-        if not self.active:
-            return fn()
-        if self.shard.index == 0:
-            try:
-                result = fn()
-            except SoftcacheError as exc:
-                self._broadcast(f"{'usage' if isinstance(exc, UsageError) else 'cache'}:{exc}")
-                raise
-            except BaseException as exc:
-                self._broadcast(f"cache:rank 0 failed: {type(exc).__name__}: {exc}")
-                raise
-            self._broadcast("ok:")
-            return result
-        kind, _, message = self._broadcast("").partition(":")
-        if kind == "usage":
-            raise UsageError(message)
-        if kind != "ok":
-            raise CacheError(message)
-        return (then or fn)()
-
-    def _broadcast(self, text: str) -> str:
-        """Rank 0's text to every rank, as bytes in tensors (no pickling)."""
-        import torch
-        import torch.distributed as dist
-
-        data = torch.tensor(list(text.encode()), dtype=torch.uint8)
-        size = torch.tensor([len(data)], dtype=torch.int64)
-        dist.broadcast(size, src=0)
-        buf = data if self.shard.index == 0 else torch.empty(int(size.item()), dtype=torch.uint8)
-        if int(size.item()):
-            dist.broadcast(buf, src=0)
-        return bytes(buf.tolist()).decode()
-
-
-def build_report(url: str, shard: ShardSpec, state: TargetState, mine: list[WorkUnit], written: list[WorkUnit],
+def build_report(url: str | Location, shard: ShardSpec, state: TargetState, mine: list[WorkUnit], written: list[WorkUnit],
                  complete: bool, seconds: float, total_units: int) -> dict[str, Any]:
     """What one worker did, for ``build --json`` and pipelines (a stable, documented object)."""
     return {
-        "url": url,
+        "url": Location.of(url).url,
         "shard": str(shard),
         "launcher": shard.source,
         "target": state,

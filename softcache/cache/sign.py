@@ -41,6 +41,8 @@ from typing import Any
 
 import fsspec
 
+from softcache.cache import store
+from softcache.cache.location import Location
 from softcache.errors import CacheError, UsageError
 
 SIGNATURE_SUFFIX = ".sig"
@@ -58,32 +60,46 @@ STREAM_WORKERS = 8
 class SignedTarget:
     """Where a cache and its signature are, and how their files are reached."""
 
-    url: str
-    fs: fsspec.AbstractFileSystem
-    root: str
-    signature_url: str
+    cache: Location
+    signature: Location
 
     @classmethod
-    def of(cls, url: str, signature: str | os.PathLike[str] | None) -> SignedTarget:
-        fs, root = fsspec.core.url_to_fs(url)
-        root = root.rstrip("/")
-        if signature is None and "/" not in root.split("://")[-1].strip("/"):
-            raise UsageError(f"{url}: a cache at the root of a bucket or disk has no place beside it for "
+    def of(cls, url: str | Location, signature: str | os.PathLike[str] | None) -> SignedTarget:
+        cache = Location.of(url)
+        beside = cache.sibling(SIGNATURE_SUFFIX) if signature is None else Location.of(os.fspath(signature))
+        if beside is None:
+            raise UsageError(f"{cache}: a cache at the root of a bucket or disk has no place beside it for "
                              "the signature; pass --signature URL")
-        return cls(url, fs, root, str(signature) if signature is not None else url.rstrip("/") + SIGNATURE_SUFFIX)
+        return cls(cache, beside)
+
+    @property
+    def url(self) -> str:
+        return self.cache.url
+
+    @property
+    def signature_url(self) -> str:
+        return self.signature.url
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        return self.cache.fs
+
+    @property
+    def root(self) -> str:
+        return self.cache.path.rstrip("/")
 
     @property
     def local(self) -> bool:
-        return _is_local(self.fs)
+        return not self.cache.remote
 
     @property
     def listable(self) -> bool:
         """HTTP servers cannot list a directory: there only the signed files are checked."""
-        return not self.url.startswith(("http://", "https://"))
+        return self.cache.listable
 
     def signature_inside(self) -> str | None:
         """The signature's path relative to the cache when it was put inside it (then excluded)."""
-        sig_fs, sig_path = fsspec.core.url_to_fs(self.signature_url)
+        sig_fs, sig_path = self.signature.fs, self.signature.path
         if type(sig_fs) is not type(self.fs):
             return None
         if self.local:
@@ -91,11 +107,6 @@ class SignedTarget:
         else:
             root = self.root
         return sig_path[len(root) + 1:] if sig_path.startswith(root + "/") else None
-
-
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
 
 
 def _ms() -> SimpleNamespace:
@@ -171,7 +182,7 @@ def _streamed(loc: SignedTarget, names: list[str] | None, ignore: frozenset[str]
     it, or the given names (HTTP cannot list), hashed by a few threads at once."""
     if names is None:
         prefix = loc.root + "/"
-        loc.fs.invalidate_cache(loc.root)  # object-store clients cache listings
+        loc.fs.invalidate_cache()  # object-store clients cache listings and object versions, also below root
         names = sorted(p[len(prefix):] for p in loc.fs.find(loc.root) if p.startswith(prefix))
     names = [n for n in names if not _ignored(n, ignore)]
     with concurrent.futures.ThreadPoolExecutor(STREAM_WORKERS) as pool:
@@ -186,17 +197,16 @@ def _local_digests(loc: SignedTarget, ignore: frozenset[str]) -> dict[str, str]:
     try:
         found = config.hash(loc.root)
     except ValueError as exc:  # a symlink or a special file in the store
-        raise CacheError(f"{loc.url}: {str(exc).splitlines()[0]}") from None
+        raise CacheError(f"{loc.cache}: {str(exc).splitlines()[0]}") from None
     return {rd.identifier: rd.digest.digest_hex for rd in found.resource_descriptors()}
 
 
-def _complete_manifest(url: str) -> Any:
-    from softcache.cache import store
-    found = store.peek_manifest(url)
+def _complete_manifest(where: Location) -> Any:
+    found = store.peek_manifest(where)
     if found is None:
-        raise CacheError(f"{url}: no cache there (no zarr.json)")
+        raise CacheError(f"{where}: no cache there (no zarr.json)")
     if found.status.state != "complete":
-        raise CacheError(f"{url}: the cache is not complete (state {found.status.state!r}); only a finalized cache "
+        raise CacheError(f"{where}: the cache is not complete (state {found.status.state!r}); only a finalized cache "
                          "can be signed: finish it first (softcache build --resume, or softcache finalize)")
     return found
 
@@ -206,11 +216,9 @@ def sign(url: str, key: str | os.PathLike[str], *, signature: str | os.PathLike[
     """Sign the complete cache at ``url`` with an EC private key (PEM) and write the signature
     beside it (``url + ".sig"`` unless ``signature`` says where). Returns what was signed:
     ``url``, ``signature``, ``key_id`` (SHA-256 of the public key), ``files``, ``cache_key``."""
-    from softcache.cache import store
-    if store.is_readonly(url):
-        raise UsageError(f"{url}: http(s) caches are read-only; sign the cache where it is written")
     loc = SignedTarget.of(url, signature)
-    manifest = _complete_manifest(url)
+    loc.cache.require_writable("sign a cache")
+    manifest = _complete_manifest(loc.cache)
     signer, kid = _load_key(key, private=True, password=password)
     inside = loc.signature_inside()
     ignore = frozenset(DEFAULT_IGNORED) | ({inside} if inside else frozenset())
@@ -222,19 +230,19 @@ def sign(url: str, key: str | os.PathLike[str], *, signature: str | os.PathLike[
              for name, digest in sorted(digests.items()) if digest is not None]
     statement = ms.manifest.Manifest(os.path.basename(loc.root), items, serialization)
     bundle = signer.sign(ms.signing.Payload(statement))
-    _write_signature(loc.signature_url, bundle)
+    _write_signature(loc.signature, bundle)
     return {"url": url, "signature": loc.signature_url, "key_id": kid,
             "files": len(items), "cache_key": manifest.cache_key}
 
 
-def _write_signature(where: str, bundle: Any) -> None:
+def _write_signature(where: Location, bundle: Any) -> None:
     """Write through a temporary name and rename (local) or one PUT (object stores), so a reader
     never sees half a signature."""
-    fs, path = fsspec.core.url_to_fs(where)
+    fs, path = where.fs, where.path
     with tempfile.TemporaryDirectory() as tmp:
         staged = pathlib.Path(tmp) / "signature"
         bundle.write(staged)
-        if _is_local(fs):
+        if not where.remote:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             partial = f"{path}.partial"
             fs.put_file(str(staged), partial)
@@ -243,10 +251,10 @@ def _write_signature(where: str, bundle: Any) -> None:
             fs.put_file(str(staged), path)
 
 
-def _read_signature(where: str) -> tuple[Any | None, str | None]:
+def _read_signature(where: Location) -> tuple[Any | None, str | None]:
     """The signature bundle at ``where``, or why there is none usable."""
     ms = _ms()
-    fs, path = fsspec.core.url_to_fs(where)
+    fs, path = where.fs, where.path
     try:
         size = fs.size(path)
         if size is not None and size > MAX_SIGNATURE_BYTES:
@@ -261,7 +269,7 @@ def _read_signature(where: str) -> tuple[Any | None, str | None]:
         staged.write_bytes(raw)
         try:
             return ms.bundle.Signature.read(staged), None
-        except Exception as exc:  # noqa: BLE001 - any parse failure of an untrusted file means 'not verified'
+        except Exception as exc:
             return None, f"the signature {where} is not a model-signing bundle ({type(exc).__name__})"
 
 
@@ -278,12 +286,12 @@ def verification(url: str, key: str | os.PathLike[str], *,
     verifier, kid = _load_key(key, private=False)
     result: dict[str, Any] = {"url": url, "signature": loc.signature_url, "verified": False, "reason": None,
                               "key_id": kid, "files": 0, "listed": loc.listable, "cache_key": None}
-    bundle, why = _read_signature(loc.signature_url)
+    bundle, why = _read_signature(loc.signature)
     if bundle is None:
         return {**result, "reason": why}
     try:
         signed = verifier.verify(bundle)
-    except Exception as exc:  # noqa: BLE001 - a forged, altered or foreign signature, however it fails
+    except Exception as exc:
         message = str(exc).splitlines()[0] if str(exc) else "the signature does not match its content"
         if "Key mismatch" in message:
             message = "signed with another key (the key recorded in the signature is not this public key)"
@@ -297,7 +305,7 @@ def verification(url: str, key: str | os.PathLike[str], *,
     ignore = frozenset(str(p) for p in params.get("ignore_paths", ())) | ({inside} if inside else frozenset())
     if loc.local:
         if not os.path.isdir(loc.root):
-            return {**result, "reason": f"{url}: no cache there"}
+            return {**result, "reason": f"{loc.cache}: no cache there"}
         try:
             actual: dict[str, str | None] = dict(_local_digests(loc, ignore))
         except CacheError as exc:
@@ -307,8 +315,7 @@ def verification(url: str, key: str | os.PathLike[str], *,
     problem = _difference(expected, actual)
     if problem:
         return {**result, "files": len(expected), "reason": problem}
-    from softcache.cache import store
-    found = store.peek_manifest(url)
+    found = store.peek_manifest(loc.cache)
     return {**result, "verified": True, "files": len(expected), "cache_key": found.cache_key if found else None}
 
 

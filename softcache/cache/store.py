@@ -1,207 +1,124 @@
-"""Where the cache is written and read: the Zarr v3 layout, nothing about models.
+"""Where a cache is written and read: the Zarr v3 store of a :class:`~softcache.cache.location.Location`.
 
-Layout of a cache (format version 1)::
+What arrays a cache has is ``layout``; how every read is guarded, and how the root group is
+opened, is ``guard``; what makes a store fit to read is ``check``. This module prepares a
+target, creates the root group and its arrays, writes rows and shard flags, consolidates the
+metadata, and opens a cache for reading (:func:`open_cache`, :class:`Cache`, :class:`Split`).
 
-    cache.zarr/                       root group, attribute "softcache" = manifest
-      soft_labels   (N, V, C)         teacher logits / T, float16 or float32, chunks (R, V, C)
-      sample_index  (N,)    int64     row -> sample in the source dataset
-      labels        (N,)    int64     true label, -1 when unknown
-      inputs        (N, *shape) f32   stored inputs (data-free caches, or on request)
-      view_params   (N, V, P)   f32   per-view augmentation parameters (replayable views)
-      stats/{max_prob,entropy,margin} (N, V) f32, stats/prediction (N, V) int32
-      shard_done    (S,)    uint8     one chunk per shard, so shards never share a chunk
-      eval/                           optional held-out split: same arrays, one clean view, no
-                                      view_params; its own shard_done (E,) for its shards
-
-Shards (``layout.shard_rows`` rows, whole chunks) are the units of a build; a shard's flag is set
-only after all its chunks are stored (see ``distributed.py`` for the multi-worker protocol). A
-complete cache has its metadata consolidated into the root ``zarr.json``, so opening it is one
-read whatever the number of arrays, which matters on object stores and HTTP.
-
-Every array shares the row chunking R, and the build writes whole chunks only (zarr rewrites a
-chunk on a partial write). No compression: float logits barely compress and decoding costs
-more than the bytes saved. Every chunk ends with a crc32c checksum (Zarr v3's ``crc32c`` codec),
-verified on every read, and ``finalize`` records a digest of all chunks in the manifest.
-
-Every read goes through ``guard.GuardedStore`` (see there: bounded reads, the encodings a reader
-accepts, missing chunks are errors), and before any array is read :func:`check_cache` compares
-each array's metadata with what the manifest implies: the one checker that ``open_cache``,
-``validate`` and ``finalize`` share.
+Every function takes a :class:`Location` or a URL (made into one on entry, once): the location
+decides whether the store is remote or read-only, and a function given a group uses it rather
+than opening the root again. A complete cache has its metadata consolidated into the root
+``zarr.json``, so opening it is one read whatever the number of arrays, which matters on object
+stores and HTTP. Shard flags are set only after their rows are stored (see ``shards``).
 """
 
 from __future__ import annotations
 
+import json
 import warnings
-from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 import numpy as np
 import zarr
 
 from softcache.cache import lock as buildlock
-
-from softcache.cache import guard
-from softcache.errors import CacheError, UsageError
-from softcache.cache.location import Location, redact_text
+from softcache.cache.check import (
+    UnverifiedCacheWarning,
+    check_cache,
+    read_flags,
+    unverified_message,
+)
+from softcache.cache.guard import GuardedStore, guarded_store, open_group, read_manifest
+from softcache.cache.layout import (
+    EVAL,
+    INDEX,
+    INPUTS,
+    LABELS,
+    PREDICTION,
+    SHARD_DONE,
+    SOFT,
+    STATS,
+    ArraySpec,
+    is_flag,
+    split_prefix,
+)
+from softcache.cache.location import Location
 from softcache.cache.manifest import MANIFEST_ATTR, Manifest
-
-SOFT = "soft_labels"
-INDEX = "sample_index"
-LABELS = "labels"
-INPUTS = "inputs"
-VIEW_PARAMS = "view_params"
-STATS = ("stats/max_prob", "stats/entropy", "stats/margin", "stats/prediction")
-SHARD_DONE = "shard_done"
-EVAL = "eval"
-
-
-@dataclass(frozen=True)
-class ArraySpec:
-    shape: tuple[int, ...]
-    dtype: str
-    chunks: tuple[int, ...]
-
-
-def split_arrays(manifest: Manifest, rows: int, *, store_inputs: bool, with_labels: bool = True,
-                 eval_split: bool = False) -> dict[str, ArraySpec]:
-    """The arrays of one split (root or eval), all chunked by ``layout.chunk_rows`` rows.
-
-    The eval split always holds one view, the clean input: it measures agreement on held-out
-    data as the student will see it, whatever views the training rows were labelled through."""
-    lay, views = manifest.layout, (1 if eval_split else manifest.views.count)
-    r = max(1, min(lay.chunk_rows, rows)) if rows else lay.chunk_rows
-    width = manifest.classes.count if manifest.storage.mode == "full" else int(manifest.storage.k or 0)
-    specs = {
-        SOFT: ArraySpec((rows, views, width), manifest.storage.dtype, (r, views, width)),
-        INDEX: ArraySpec((rows,), "int64", (r,)),
-    }
-    if with_labels:
-        specs[LABELS] = ArraySpec((rows,), "int64", (r,))
-    for name in STATS:
-        specs[name] = ArraySpec((rows, views), "int32" if name.endswith("prediction") else "float32", (r, views))
-    if store_inputs:
-        shape = tuple(lay.input_shape)
-        specs[INPUTS] = ArraySpec((rows, *shape), "float32", (r, *shape))
-    if manifest.views.param_names and not eval_split:
-        p = len(manifest.views.param_names)
-        specs[VIEW_PARAMS] = ArraySpec((rows, views, p), "float32", (r, views, p))
-    return specs
-
-
-def flag_spec(manifest: Manifest, rows: int) -> ArraySpec:
-    """A split's ``shard_done``: one uint8 per shard of ``layout.shard_rows`` rows, each its own
-    chunk, so workers never write the same chunk."""
-    return ArraySpec((-(-rows // manifest.layout.shard_rows),), "uint8", (1,))
-
-
-def _fs_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    where = Location.of(url)  # its storage options carry the request timeout
-    return where.fs, where.path
-
-
-def is_readonly(url: str) -> bool:
-    return url.startswith(("http://", "https://"))
-
-
-def guarded_store(url: str, mode: str = "r") -> guard.GuardedStore:
-    """The store at ``url`` as zarr would open it (a local directory, or fsspec for URLs), inside
-    the guard every read goes through. Read-only stores (``mode="r"``) refuse missing chunks."""
-    read_only = mode == "r"
-    inner: zarr.abc.store.Store
-    where = Location.of(url)  # file:// opens as the directory it names; remote stores get the timeout
-    if where.remote:
-        inner = zarr.storage.FsspecStore.from_url(where.url, storage_options=where.storage_options, read_only=read_only)
-    else:
-        inner = zarr.storage.LocalStore(where.zarr_url, read_only=read_only)
-    fs, path = _fs_path(url)
-    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-    return guard.GuardedStore(inner, name=str(where), local_root=path if local else None, strict=read_only,
-                              missing_ok=_absent_flag)
-
-
-def _absent_flag(path: str, first_row: int) -> bool:
-    """A shard flag that was never written means "not done": the one chunk that may be absent."""
-    return path.rsplit("/", 1)[-1] == SHARD_DONE
-
-
-def open_group(url: str, mode: str = "r", *, consolidated: bool | None = None) -> zarr.Group:
-    """Open the root group; a missing path or a non-Zarr directory is a clear CacheError.
-
-    Only ``zarr.json`` is read (no probing for Zarr v2 files), and whether the path exists is
-    asked only after a failure, so opening a remote cache is one or two requests. The arrays'
-    metadata comes from the consolidated copy when there is one, unless ``consolidated=False``
-    (checkers read each array's own ``zarr.json``). Every read goes through :func:`guarded_store`.
-    """
-    where = Location.of(url)  # messages name it without credentials; a timeout is one line
-    try:
-        with where.errors():
-            return zarr.open_group(guarded_store(url, mode), mode=mode, zarr_format=3,  # type: ignore[arg-type]
-                                   use_consolidated=consolidated)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
-        if not is_readonly(url):
-            fs, path = _fs_path(url)
-            with where.errors():
-                if not fs.exists(path):
-                    raise CacheError(f"{where}: no such cache (path does not exist)") from None
-        raise CacheError(f"{where}: not a Zarr v3 group (no zarr.json): not a softcache cache") from None
-    except (ValueError, zarr.errors.NodeTypeValidationError) as exc:
-        raise CacheError(f"{where}: not a readable Zarr v3 group ({redact_text(str(exc))})") from None
-
-
-def read_manifest(group: zarr.Group, url: str) -> Manifest:
-    if MANIFEST_ATTR not in group.attrs:
-        raise CacheError(f"{url}: Zarr group has no '{MANIFEST_ATTR}' attribute: not a softcache cache")
-    return Manifest.from_json(group.attrs[MANIFEST_ATTR])
+from softcache.errors import CacheError, UsageError
 
 
 def write_manifest(group: zarr.Group, manifest: Manifest) -> None:
     group.attrs[MANIFEST_ATTR] = manifest.to_json()
 
 
-def prepare_target(url: str, *, overwrite: bool) -> None:
+# -- the target of a build -----------------------------------------------------------------------
+
+
+def prepare_target(url: str | Location, *, overwrite: bool) -> None:
     """Refuse to write over anything unless asked; with ``overwrite`` remove the old cache.
 
     Only a softcache cache (a Zarr group whose ``zarr.json`` carries the manifest) is ever
     removed: a non-empty directory that is anything else is refused even with ``overwrite``."""
-    if is_readonly(url):
-        raise UsageError(f"{url}: http(s) URLs are read-only; write caches to a path, file:// or s3://")
-    fs, path = _fs_path(url)
+    where = Location.of(url)
+    where.require_writable("write a cache")
+    fs, path = where.fs, where.path
     if not fs.exists(path):
         return
     if fs.isfile(path):
-        raise UsageError(f"{url}: exists and is a file, not a cache directory")
+        raise UsageError(f"{where}: exists and is a file, not a cache directory")
     if not fs.ls(path):
         return
-    is_cache = _holds_manifest(fs, path)
-    if not is_cache:  # --overwrite replaces a cache, never deletes an arbitrary directory
-        raise UsageError(f"{url}: a non-empty directory that is not a cache already exists there; "
+    if not holds_manifest(where):  # --overwrite replaces a cache, never deletes an arbitrary directory
+        raise UsageError(f"{where}: a non-empty directory that is not a cache already exists there; "
                          "write the cache elsewhere or remove it yourself")
     if not overwrite:
-        raise UsageError(f"{url}: a cache already exists there; pass --overwrite to replace it")
+        raise UsageError(f"{where}: a cache already exists there; pass --overwrite to replace it")
     # never delete a cache another process is building; registered first, so none starts meanwhile
-    buildlock.register(url, role="overwrite", exclusive=True, finished_since=lambda since: finished_since(url, since))
+    buildlock.register(where, role="overwrite", exclusive=True, finished_since=lambda since: finished_since(where, since))
     fs.rm(path, recursive=True)
 
 
-def finished_since(url: str, since: str) -> bool:
+def finished_since(url: str | Location, since: str) -> bool:
     """True when the cache at ``url`` was completed at or after ``since`` (ISO time): the build
     registered then is over. An older complete cache (about to be replaced) does not count."""
     found = peek_manifest(url)
     return found is not None and found.status.state == "complete" and (found.status.finished_at or "") >= since
 
 
-def _holds_manifest(fs: fsspec.AbstractFileSystem, path: str) -> bool:
-    """True when ``path`` is a Zarr group whose root attributes hold a softcache manifest."""
-    import json
-
-    meta = f"{path.rstrip('/')}/zarr.json"
-    if not fs.exists(meta):
+def holds_manifest(url: str | Location) -> bool:
+    """True when ``url`` is a Zarr group whose root attributes hold a softcache manifest (read as
+    plain JSON: nothing of the store is opened as Zarr)."""
+    where = Location.of(url)
+    meta = f"{where.path.rstrip('/')}/zarr.json"
+    if not where.fs.exists(meta):
         return False
     try:
-        return MANIFEST_ATTR in (json.loads(fs.cat_file(meta)).get("attributes") or {})
+        return MANIFEST_ATTR in (json.loads(where.fs.cat_file(meta)).get("attributes") or {})
     except (ValueError, AttributeError):
         return False
+
+
+def create_root(url: str | Location, manifest: Manifest) -> zarr.Group:
+    """Create the root group with the manifest in one write, never over an existing one
+    (``zarr.errors.ContainsGroupError`` when another worker made it first)."""
+    return zarr.create_group(guarded_store(Location.of(url), "r+"), attributes={MANIFEST_ATTR: manifest.to_json()},
+                             zarr_format=3, overwrite=False)
+
+
+def peek(url: str | Location, mode: str = "r") -> tuple[zarr.Group, Manifest] | None:
+    """The root group (opened once, in ``mode``) and manifest of the cache at ``url``; None when
+    there is nothing there (or an empty directory)."""
+    where = Location.of(url)
+    if not where.fs.exists(f"{where.path.rstrip('/')}/zarr.json"):
+        return None
+    group = open_group(where, mode)
+    return group, read_manifest(group, where)
+
+
+def peek_manifest(url: str | Location) -> Manifest | None:
+    """The manifest of the cache at ``url``; None when there is nothing (or an empty directory)."""
+    found = peek(url)
+    return found[1] if found is not None else None
 
 
 def require_group(parent: zarr.Group, name: str) -> zarr.Group:
@@ -241,61 +158,33 @@ def ensure_arrays(group: zarr.Group, specs: dict[str, ArraySpec]) -> None:
             raise CacheError(f"array {name!r} in the store is {found}, this build needs {spec}")
 
 
-def peek_manifest(url: str) -> Manifest | None:
-    """The manifest of the cache at ``url``; None when there is nothing (or an empty directory)."""
-    fs, path = _fs_path(url)
-    if not fs.exists(f"{path.rstrip('/')}/zarr.json"):
-        return None
-    group = open_group(url, "r")
-    return read_manifest(group, url)
-
-
-def consolidate(url: str) -> None:
+def consolidate(url: str | Location) -> zarr.Group:
     """Put every array's metadata into the root ``zarr.json``: opening then costs one read.
+    Returns the root group, writable and carrying the consolidated metadata (a manifest written
+    through it keeps that metadata).
 
     zarr-python writes consolidated metadata as an extension to Zarr v3 that other readers
     ignore (they read each array's own ``zarr.json``), so it warns; the warning is expected here.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)
-        zarr.consolidate_metadata(guarded_store(url, "r+"), zarr_format=3)
+        return zarr.consolidate_metadata(guarded_store(Location.of(url), "r+"), zarr_format=3)
 
 
-def stale_consolidated(url: str) -> list[str]:
-    """Nodes whose consolidated metadata differs from their own ``zarr.json`` (the store was
-    edited after it was finalized). Readers trust the consolidated copy, so this is an error;
-    ``softcache finalize URL`` rewrites it. HTTP stores cannot be listed and are not checked."""
-    if is_readonly(url):
-        return []
-    recorded_root = open_group(url, "r").metadata.consolidated_metadata
-    if recorded_root is None:
-        return []
-    recorded = recorded_root.flattened_metadata
-    problems = []
-    try:
-        for path, node in open_group(url, "r", consolidated=False).members(max_depth=None):
-            if path not in recorded:
-                problems.append(f"{path!r} is missing from the consolidated metadata")
-            elif isinstance(node, zarr.Array) and node.metadata.to_dict() != recorded[path].to_dict():
-                problems.append(f"the consolidated metadata of {path!r} differs from its zarr.json")
-    except CacheError as exc:
-        problems.append(str(exc))
-    except Exception as exc:  # noqa: BLE001 - metadata zarr cannot parse, from a store we do not trust
-        problems.append(f"the store holds metadata that cannot be read ({type(exc).__name__}: {str(exc)[:200]})")
-    return problems
-
-
-def remove_partial_files(url: str) -> int:
+def remove_partial_files(url: str | Location) -> int:
     """Delete ``*.partial`` files that zarr's local store leaves when killed mid-write (the
     temporary file it renames into place). Only called once every shard is done, when no
     worker writes chunks any more. Object stores have no such files."""
-    fs, path = _fs_path(url)
-    if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+    where = Location.of(url)
+    if where.remote:
         return 0
-    leftovers = fs.glob(f"{path.rstrip('/')}/**/*.partial")
+    leftovers = where.fs.glob(f"{where.path.rstrip('/')}/**/*.partial")
     for leftover in leftovers:
-        fs.rm_file(leftover)
+        where.fs.rm_file(leftover)
     return len(leftovers)
+
+
+# -- writes ----------------------------------------------------------------------------------------
 
 
 def write_rows(group: zarr.Group, start: int, block: dict[str, np.ndarray],
@@ -325,189 +214,7 @@ def shards_done(group: zarr.Group) -> np.ndarray:
     return read_flags(group[SHARD_DONE])  # type: ignore[arg-type]
 
 
-def read_flags(node: zarr.Array) -> np.ndarray:
-    """Shard flags as booleans. Where the store can be listed, only the flags that are stored
-    are read (one listing, then those chunks): a store declaring millions of shards it does not
-    hold costs one request, not millions."""
-    store = node.store
-    if not isinstance(store, guard.GuardedStore) or is_readonly(store.name):
-        return np.asarray(node[:], dtype=bool)
-    try:
-        fmt = guard.array_format(node.metadata.to_dict())
-    except ValueError as exc:
-        raise CacheError(f"{store.name}: array {node.path!r}: {exc}") from None
-    present = np.flatnonzero(guard.present_chunks(store, node.path, fmt))
-    done = np.zeros(fmt.shape[0], dtype=bool)
-    if len(present):
-        done[present] = np.asarray(node.get_coordinate_selection(present), dtype=bool)
-    return done
-
-
-# -- the one checker: array metadata against the manifest and the format ---------------------------
-
-
-class UnverifiedCacheWarning(UserWarning):
-    """The cache was written without chunk checksums (softcache 0.1): it opens and trains, but
-    changed or damaged bytes cannot be detected."""
-
-
-def unverified_message(url: str, paths: list[str]) -> str:
-    return (f"{url}: {len(paths)} array(s) carry no chunk checksums (written by softcache 0.1?), e.g. {paths[0]!r}: "
-            "changed or damaged bytes cannot be detected; rebuild the cache to make it verifiable")
-
-
-@dataclass
-class CacheCheck:
-    """What :func:`check_cache` found: one line per problem, the arrays fit to read (path from
-    the root -> the array and its checked format) and the paths whose chunks carry no checksum."""
-
-    errors: list[str] = field(default_factory=list)
-    arrays: dict[str, tuple[zarr.Array, guard.ArrayFormat]] = field(default_factory=dict)
-    unverified: list[str] = field(default_factory=list)
-
-    def formats(self) -> dict[str, guard.ArrayFormat]:
-        return {path: fmt for path, (_, fmt) in self.arrays.items()}
-
-
-def _member(group: zarr.Group, path: str) -> tuple[Any, str | None]:
-    """``(node, None)``, ``(None, None)`` when absent, or ``(None, why)`` when its metadata is refused."""
-    try:
-        return group[path], None
-    except KeyError:
-        return None, None
-    except CacheError as exc:
-        return None, str(exc)
-    except Exception as exc:  # noqa: BLE001 - metadata zarr cannot parse, from a store we do not trust
-        return None, f"unreadable metadata ({type(exc).__name__}: {str(exc)[:200]})"
-
-
-def _expected(group: zarr.Group, manifest: Manifest, check: CacheCheck) -> tuple[dict[str, ArraySpec], dict[str, str]]:
-    """Every array the manifest implies, by path from the root, and each split's flags path by label."""
-    expected: dict[str, ArraySpec] = {}
-    flags: dict[str, str] = {}
-    splits = [("", manifest.layout.rows)] + ([(f"{EVAL}/", manifest.eval.rows)] if manifest.eval is not None else [])
-    for prefix, rows in splits:
-        if prefix:
-            node, problem = _member(group, EVAL)
-            if not isinstance(node, zarr.Group):
-                check.errors.append(problem or f"the manifest records an eval split but group {EVAL!r} is missing")
-                continue
-
-        def has(name: str) -> bool:
-            return _member(group, prefix + name) != (None, None)
-
-        specs = split_arrays(manifest, rows, store_inputs=has(INPUTS), with_labels=has(LABELS), eval_split=bool(prefix))
-        if not prefix or has(SHARD_DONE):  # caches may or may not carry flags for their eval split
-            specs[SHARD_DONE] = flag_spec(manifest, rows)
-            flags[prefix or "train "] = prefix + SHARD_DONE
-        expected.update({prefix + name: spec for name, spec in specs.items()})
-    return expected, flags
-
-
-def _array_problems(path: str, meta: dict[str, Any], spec: ArraySpec, checksums_recorded: bool
-                    ) -> tuple[list[str], guard.ArrayFormat | None]:
-    """Why an array cannot be read (its encoding first: that is what protects the reader) and
-    how it differs from what the manifest implies; the format when there is nothing to say."""
-    problems = []
-    try:
-        fmt: guard.ArrayFormat | None = guard.array_format(meta)
-    except ValueError as exc:
-        fmt = None
-        problems.append(f"array {path!r}: {exc}")
-    shape, dtype = tuple(meta.get("shape") or ()), meta.get("data_type")
-    if shape != spec.shape:
-        problems.append(f"array {path!r} has shape {shape}, the manifest implies {spec.shape}")
-    if dtype != spec.dtype and dtype in guard.FORMAT_DTYPES:  # any other dtype was refused above
-        problems.append(f"array {path!r} has dtype {dtype}, expected {spec.dtype}")
-    if fmt is not None and fmt.chunks != spec.chunks:
-        problems.append(f"array {path!r} has chunks {fmt.chunks}, the manifest implies {spec.chunks}")
-    if fmt is not None and checksums_recorded and not fmt.checksummed:
-        problems.append(f"array {path!r} has no crc32c checksums, although the manifest says every chunk has one")
-    return problems, None if problems else fmt
-
-
-def check_cache(group: zarr.Group, manifest: Manifest, *, listing: bool = False, flags: bool = False) -> CacheCheck:
-    """Check every array the manifest implies before any of them is read; reads metadata only,
-    plus the shard flags with ``flags`` and one listing per array with ``listing``.
-
-    Each array must exist with the manifest's shape (rows included), dtype and chunking and the
-    format's encoding (``guard.array_format``); no other array may be present. With
-    ``listing`` (stores that can be listed), every chunk of the grid must be stored: that finds
-    missing chunks, or a declared size no store holds, in one request per thousand chunks.
-    Arrays of a split whose shards are not all done are not counted (their rows are unwritten)."""
-    check = CacheCheck()
-    expected, flag_paths = _expected(group, manifest, check)
-    recorded = manifest.integrity is not None and manifest.integrity.chunk_checksum == "crc32c"
-    for path, spec in expected.items():
-        node, problem = _member(group, path)
-        if problem is not None or not isinstance(node, zarr.Array):
-            what = f": {problem}" if problem else f" is {'missing' if node is None else 'a group, not an array'}"
-            check.errors.append(f"array {path!r}{what}")
-            continue
-        problems, fmt = _array_problems(path, node.metadata.to_dict(), spec, recorded)
-        check.errors.extend(problems)
-        if fmt is not None:
-            check.arrays[path] = (node, fmt)
-            if not fmt.checksummed:
-                check.unverified.append(path)
-    store = group.store
-    listing = listing and isinstance(store, guard.GuardedStore) and not is_readonly(store.name)  # http cannot list
-    if listing or group.metadata.consolidated_metadata is not None:
-        node_paths, problem = _array_paths(group)
-        check.errors.extend([problem] if problem else [])
-        check.errors.extend(f"array {p!r} is not part of the format" for p in sorted(set(node_paths) - set(expected)))
-    unwritten: set[str] = set()
-    for label, path in flag_paths.items() if flags else ():
-        if path in check.arrays:
-            try:
-                done = read_flags(check.arrays[path][0])
-            except CacheError as exc:
-                check.errors.append(str(exc))
-                continue
-            if not done.all():
-                undone = np.flatnonzero(~done)
-                more = f" ({len(undone)} of {len(done)} shards)" if len(undone) > 20 else ""
-                check.errors.append(f"{label}shards not done: {undone[:20].tolist()}{more}")
-                unwritten.add(path.removesuffix(SHARD_DONE))
-    for path in [p for p in check.arrays if p.rsplit("/", 1)[-1] != SHARD_DONE]:
-        if split_prefix(path) in unwritten:
-            del check.arrays[path]  # rows of unfinished shards are not written: nothing to count or read
-        elif listing:
-            fmt = check.arrays[path][1]
-            strays: list[str] = []
-            present = guard.present_chunks(store, path, fmt, strays).reshape(-1)  # type: ignore[arg-type]
-            if strays:  # not read by anyone, but not what was finalized either: the store was edited
-                check.errors.append(f"array {path!r}: {len(strays)} stored object(s) outside its chunk grid "
-                                    f"(first: {strays[0]})")
-            if not present.all():
-                grid = np.unravel_index(np.flatnonzero(~present)[:3], fmt.grid)
-                first = [guard.chunk_key(path, coords) for coords in zip(*grid)]
-                check.errors.append(f"array {path!r}: {int((~present).sum())} of {fmt.nchunks} chunks are missing "
-                                    f"(first: {', '.join(first)})")
-                del check.arrays[path]
-    return check
-
-
-def split_prefix(path: str) -> str:
-    """``"eval/"`` for an array of the eval split, ``""`` for one of the training rows."""
-    return f"{EVAL}/" if path.startswith(f"{EVAL}/") else ""
-
-
-def content_digest(group: zarr.Group, check: CacheCheck) -> tuple[str, int]:
-    """``(sha256 hex, chunks)`` over every chunk of the checked arrays (see ``guard.content_digest``)."""
-    store = group.store
-    if not isinstance(store, guard.GuardedStore):
-        raise TypeError("content_digest needs a group opened with store.open_group")
-    return guard.content_digest(store, check.formats())
-
-
-def _array_paths(group: zarr.Group) -> tuple[list[str], str | None]:
-    try:
-        return [p for p, node in group.members(max_depth=None) if isinstance(node, zarr.Array)], None
-    except CacheError as exc:
-        return [], str(exc)
-    except Exception as exc:  # noqa: BLE001 - metadata zarr cannot parse, from a store we do not trust
-        return [], f"the store holds metadata that cannot be read ({type(exc).__name__}: {str(exc)[:200]})"
+# -- reading a cache -------------------------------------------------------------------------------
 
 
 class Split:
@@ -555,7 +262,7 @@ class Split:
         return self.read(INDEX)
 
     def predictions(self, view: int = 0) -> np.ndarray:
-        return self.read("stats/prediction")[:, view]
+        return self.read(PREDICTION)[:, view]
 
     def inputs(self, rows: slice | None = None) -> np.ndarray:
         if not self.has_inputs:
@@ -583,12 +290,15 @@ class Split:
 class Cache:
     """A cache opened for reading. Opening reads JSON metadata only; nothing is executed."""
 
-    def __init__(self, url: str, group: zarr.Group, manifest: Manifest):
-        self.url, self.group, self.manifest = url, group, manifest
+    def __init__(self, url: str | Location, group: zarr.Group, manifest: Manifest):
+        self.location = Location.of(url)
+        self.url = self.location.url
+        """The URL as given (may hold credentials: print :attr:`location` instead)."""
+        self.group, self.manifest = group, manifest
         self.train = Split(group, manifest, "train")
         self.eval = Split(group[EVAL], manifest, EVAL) if EVAL in group else None  # type: ignore[arg-type]
         self.build_report: dict[str, Any] | None = None
-        """What the build that returned this handle did (``distributed.build_report``); None when
+        """What the build that returned this handle did (``shards.build_report``); None when
         the cache was opened for reading."""
 
     @property
@@ -604,28 +314,31 @@ class Cache:
         return self.manifest.status.state == "complete"
 
 
-def open_cache(url: str, *, allow_incomplete: bool = False) -> Cache:
-    """Open a cache for reading, refusing one still being built unless ``allow_incomplete``."""
-    url = str(url)
-    group = open_group(url, "r")
-    manifest = read_manifest(group, url)
+def open_cache(url: str | Location, *, allow_incomplete: bool = False) -> Cache:
+    """Open a cache for reading, refusing one still being built unless ``allow_incomplete``.
+
+    The root group is opened once (one read of ``zarr.json`` on a finalized cache) and every
+    array is checked against the manifest (``check.check_cache``) before anything is read."""
+    where = Location.of(url)
+    group = open_group(where, "r")
+    manifest = read_manifest(group, where)
     if manifest.status.state != "complete" and not allow_incomplete:
         splits = [g for g in (group, group.get(EVAL)) if isinstance(g, zarr.Group) and SHARD_DONE in g]
         flags = np.concatenate([shards_done(g) for g in splits]) if splits else np.zeros(0, dtype=bool)
         raise CacheError(
-            f"{url}: cache is still being built or was interrupted ({int(flags.sum())}/{len(flags)} shards done); "
+            f"{where}: cache is still being built or was interrupted ({int(flags.sum())}/{len(flags)} shards done); "
             "finish it (softcache build --resume, or softcache finalize once every shard is done), "
             "or pass --allow-incomplete (allow_incomplete=True) to read it anyway"
         )
     check = check_cache(group, manifest)
     if check.errors:
         more = f" (and {len(check.errors) - 1} more problem(s): softcache validate lists them)" if len(check.errors) > 1 else ""
-        raise CacheError(f"{url}: {check.errors[0]}{more}")
+        raise CacheError(f"{where}: {check.errors[0]}{more}")
     if check.unverified:
-        warnings.warn(unverified_message(url, check.unverified), UnverifiedCacheWarning, stacklevel=2)
+        warnings.warn(unverified_message(where, check.unverified), UnverifiedCacheWarning, stacklevel=2)
     if manifest.status.state != "complete":
         _allow_unwritten(group, manifest)
-    return Cache(url, group, manifest)
+    return Cache(where, group, manifest)
 
 
 def _allow_unwritten(group: zarr.Group, manifest: Manifest) -> None:
@@ -634,7 +347,7 @@ def _allow_unwritten(group: zarr.Group, manifest: Manifest) -> None:
     and train refuses. A missing chunk of a shard flagged done stays an error."""
     undone: dict[str, np.ndarray] = {}
     for prefix in ("", f"{EVAL}/"):
-        node, _ = _member(group, prefix + SHARD_DONE)
+        node = group.get(prefix + SHARD_DONE)
         if isinstance(node, zarr.Array):
             undone[prefix] = ~read_flags(node)
     shard_rows = manifest.layout.shard_rows
@@ -642,8 +355,8 @@ def _allow_unwritten(group: zarr.Group, manifest: Manifest) -> None:
     def missing_ok(path: str, first_row: int) -> bool:
         flags = undone.get(split_prefix(path))
         shard = first_row // shard_rows
-        return _absent_flag(path, first_row) or (flags is not None and shard < len(flags) and bool(flags[shard]))
+        return is_flag(path) or (flags is not None and shard < len(flags) and bool(flags[shard]))
 
     store = group.store
-    if isinstance(store, guard.GuardedStore):
+    if isinstance(store, GuardedStore):
         store.missing_ok = missing_ok

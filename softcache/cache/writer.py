@@ -17,6 +17,11 @@ Two guarantees hold whatever the store does:
 - a write error is never lost: the thread stops, wakes a producer that is waiting, and the
   producer's next call (``append``, ``begin``, ``check`` or ``close``) raises the original
   exception.
+
+Work that turns a producer's raw output into the stored arrays (scaling, statistics, dtype
+conversion) can be handed over too, as a :class:`Deferred` block: the writer thread computes it
+just before packing it, so it runs beside the producer's next batch instead of between two of
+them. An error raised while computing it reaches the producer like a write error.
 """
 
 from __future__ import annotations
@@ -31,8 +36,20 @@ import numpy as np
 Block = dict[str, np.ndarray]
 
 
-def block_rows(block: Block) -> int:
+@dataclass(frozen=True)
+class Deferred:
+    """``rows`` rows whose arrays ``make()`` computes in the writer thread (see the module docs).
+
+    ``make`` must not depend on anything the producer changes after handing it over."""
+
+    rows: int
+    make: Callable[[], Block]
+
+
+def block_rows(block: Block | Deferred) -> int:
     """Rows in a block; every array of a block must have the same leading length."""
+    if isinstance(block, Deferred):
+        return block.rows
     lengths = {len(v) for v in block.values()}
     if len(lengths) != 1:
         raise ValueError(f"block arrays have different numbers of rows: {sorted(lengths)}")
@@ -63,7 +80,7 @@ class ChunkWriter:
         self._write, self._chunk = write, chunk_rows
         self._max_queued = depth * chunk_rows
         self._cond = threading.Condition()
-        self._items: deque[Block | _Range] = deque()
+        self._items: deque[Block | Deferred | _Range] = deque()
         self._range: range | None = None  # the producer's current range
         self._appended = 0  # rows of the current range handed over
         self._queued = 0  # rows handed over and not yet written
@@ -89,8 +106,9 @@ class ChunkWriter:
             self._range, self._appended = rows, 0
             self._cond.notify_all()
 
-    def append(self, block: Block) -> None:
-        """Queue the next rows; waits only while ``depth`` chunks are already queued."""
+    def append(self, block: Block | Deferred) -> None:
+        """Queue the next rows (arrays, or a :class:`Deferred` computed in the writer thread);
+        waits only while ``depth`` chunks are already queued."""
         n = block_rows(block)
         if self._range is None:
             raise RuntimeError("append before begin")
@@ -158,6 +176,11 @@ class ChunkWriter:
                     if not len(item.rows) and item.on_done is not None:
                         item.on_done()
                     continue
+                if isinstance(item, Deferred):
+                    made = item.make()
+                    if block_rows(made) != item.rows:
+                        raise ValueError(f"a deferred block promised {item.rows} rows but made {block_rows(made)}")
+                    item = made
                 parts.append(item)
                 held += block_rows(item)
                 while held and current is not None:

@@ -1,6 +1,8 @@
 """Declarative pipelines: a TOML file names the teacher, the data, the cache and the training
-passes; ``run_pipeline`` runs its stages, skipping those whose output is already there."""
+passes (:mod:`softcache.pipeline.config`); ``run_pipeline`` runs its stages, skipping those whose
+output is already there (:mod:`softcache.pipeline.run`)."""
 
-from softcache.pipeline.run import PipelineConfig, digits_teacher, load_pipeline, run_pipeline
+from softcache.pipeline.config import PipelineConfig, load_pipeline
+from softcache.pipeline.run import digits_teacher, run_pipeline
 
 __all__ = ["PipelineConfig", "digits_teacher", "load_pipeline", "run_pipeline"]

@@ -1,315 +1,40 @@
-"""Declarative pipelines: one TOML file says teacher, data, cache and the students to train.
+"""The pipeline runner: checks every SPEC a pipeline names, then runs its stages in order
+(teacher, build, each ``[[train]]``), skipping those whose output is already there.
 
-    softcache run pipelines/digits.toml [--set key=value ...] [--only STAGE,...] [--shard I/N] [--json]
-
-A rerun does only what is missing: each stage is skipped when its output already exists with
-the same key, so after a failure (or a killed job) the same command picks up where it stopped.
-
-Format (``version = 1``). Every key is checked by :class:`PipelineConfig`, whose JSON Schema is
-``schemas/pipeline.schema.json``; unknown keys are errors. A SPEC is written as a string
-(``"pkg.mod:fn,key=value"``) or as a table ``{ target = "pkg.mod:fn", kwargs = { ... } }``::
-
-    version = 1
-    name = "digits"
-    workdir = "runs/digits"        # relative paths below resolve against it; it against the cwd
-
-    [teacher]                      # stage "teacher"
-    spec = "teacher.safetensors"   # the teacher SPEC: a weights file or pkg.mod:fn
-    [teacher.make]                 # optional: how to make the weights file when it is missing;
-    target = "softcache.pipeline:digits_teacher"   # called as target(path=..., **kwargs) and
-    kwargs = { epochs = 30, seed = 0 }             # must write safetensors to exactly that path
-
-    [data]
-    train = "softcache.digits:load,split=train"    # the rows to label
-    eval = "softcache.digits:load,split=test"      # optional held-out split
-
-    [cache]                        # stage "build"; keys mirror `softcache build`
-    url = "cache.zarr"             # path, file:// or s3://
-    temperature = 4.0
-    chunk_rows = 4096
-    shard_chunks = 1               # also storage, dtype, batch_size, store_inputs, views, augment,
-                                   # view_seed, device; overwrite = true replaces a cache with
-                                   # another key (never one of this build)
-
-    [[train]]                      # stage "train:<name>": one pass, every student shares batches
-    name = "sweep"
-    out = "sweep"                  # leaderboard.parquet, students/*.safetensors, stage.json
-    epochs = 60                    # also batch_size, shuffle_seed, device, loader, eval_data
-    [[train.students]]             # explicit students: StudentConfig fields
-    spec = "softcache.models:mlp,hidden=32"
-    alpha = 0.0
-    [train.sweep]                  # and/or a grid: every combination of these lists
-    spec = ["softcache.models:mlp,hidden=32", "softcache.models:tiny_cnn"]
-    temperature = [2.0, 4.0, 8.0]  # also alpha, lr, weight_decay, label_smoothing, seed
-    seed = [0, 1]
-
-Stages run in order teacher, build, then each ``[[train]]``:
+The file format and its models are in :mod:`softcache.pipeline.config`. Stage by stage:
 
 - ``teacher``: skipped when the weights file exists. ``make`` writes to a temporary name that is
   renamed into place, so a killed run never leaves a truncated file that looks done.
 - ``build``: skipped when the cache at ``url`` is complete with the cache key this pipeline
   produces; a partial cache with that key is resumed (``build --resume``); another key is refused
-  unless ``overwrite = true``.
+  unless ``overwrite = true``. A ``[synthesis]`` pipeline runs ``synthesize`` instead.
 - ``train:NAME``: skipped when ``out/stage.json`` records the same stage key (the cache key, the
-  training settings and every student). Students of one stage train in one pass over the cache;
-  independent stages can run on different machines with ``--only train:NAME``.
+  training settings and every student).
 
-``--set key=value`` edits the file before validation: dotted keys (``cache.temperature=8``,
-``teacher.make.kwargs.epochs=3``), list positions or ``*`` for every entry (``train.0.epochs=5``,
-``train.*.epochs=5``). Values are read as TOML (``8``, ``true``, ``[0, 1]``, ``"text"``) and as a
-plain string otherwise (``workdir=/tmp/run``).
-
-With ``--shard I/N`` or under torchrun, a run does this worker's share of the build stage only
-(stages after it are reported ``excluded``); the teacher must exist already (run ``--only teacher``
-first). Rerun the pipeline without ``--shard`` once the cache is complete to train.
-
-A data-free pipeline has ``[synthesis]`` instead of ``[data]``: the build stage then runs
-``softcache synthesize`` (:class:`SynthesisStage`: ``samples``, ``input_shape``, ``seed``, ``eval``
-and every ``SynthConfig`` key such as ``steps`` or ``input_range``), taking ``temperature``,
-``dtype``, ``chunk_rows``, ``views``, ``augment``, ``view_seed``, ``device`` and ``overwrite``
-from ``[cache]``. It is skipped when the cache at ``url`` is complete with the key this
-synthesis would produce; it runs in one process (no ``--shard``). See pipelines/digits-datafree.toml.
+Before the first stage runs, every SPEC of the file (teacher, its ``make``, data, augmentation,
+students, eval sets) is resolved to a callable without calling it, so a typo in the last
+student's SPEC is a one-line error at once, not after the teacher trained and the cache was built.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import product
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
-
-from softcache.config import StudentConfig, SynthConfig, TrainConfig
-from softcache.errors import UsageError, first_validation_error
 from softcache.cache.manifest import Spec, now_iso
+from softcache.config import CacheOptions, StudentConfig
+from softcache.errors import UsageError
+from softcache.pipeline.config import PipelineConfig, TrainStage
 
 if TYPE_CHECKING:
-    from softcache.spec import Trust
-
-
-def _to_spec(value: object) -> object:
-    return Spec.parse(value) if isinstance(value, str) else value
-
-
-SpecIn = Annotated[Spec, BeforeValidator(_to_spec, json_schema_input_type=Union[str, Spec])]
-"""A SPEC written as ``"pkg.mod:fn,k=v"`` or as ``{target, kwargs}``."""
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class TeacherStage(_Model):
-    """The teacher: a SPEC, and optionally how to make its weights file when it is missing."""
-
-    spec: SpecIn = Field(description="teacher SPEC; a relative weights path resolves against workdir")
-    make: SpecIn | None = Field(default=None, description="called as target(path=..., **kwargs) to write the "
-                                "weights file when it does not exist; skipped when it does")
-
-
-class DataStage(_Model):
-    train: SpecIn = Field(description="dataset SPEC of the rows to label")
-    eval: SpecIn | None = Field(default=None, description="held-out dataset SPEC; its teacher outputs go to 'eval'")
-
-
-class CacheStage(_Model):
-    """Where and how stage 1 writes the cache (the options of ``softcache build``)."""
-
-    url: str = Field(default="cache.zarr", description="path (relative to workdir), file:// or s3:// URL")
-    temperature: float = Field(default=4.0, gt=0)
-    storage: str = Field(default="full", description="full (topk:K and sample:K are reserved)")
-    dtype: Literal["float16", "float32"] = "float16"
-    batch_size: int = Field(default=256, ge=1)
-    chunk_rows: int = Field(default=4096, ge=1, description="rows per chunk (same default as softcache build)")
-    shard_chunks: int = Field(default=1, ge=1, description="chunks per shard: the unit of work and of resume")
-    store_inputs: bool = False
-    views: int = Field(default=1, ge=1, description="views per sample (with augment)")
-    augment: SpecIn | None = Field(default=None, description="replayable augmentation SPEC")
-    view_seed: int = 0
-    device: str | None = None
-    overwrite: bool = Field(default=False, description="replace a cache with another cache key at url; a cache of "
-                            "this build is always kept (skipped or resumed)")
-
-
-class SynthesisStage(SynthConfig):
-    """A data-free source: inputs synthesized from the teacher (the options of ``softcache synthesize``)."""
-
-    samples: int = Field(ge=1, description="number of inputs to synthesize")
-    input_shape: list[int] = Field(min_length=1, description="shape of one input, e.g. [1, 8, 8]")
-    seed: int = Field(default=0, description="seeds the starting noise and the targets")
-    eval: SpecIn | None = Field(default=None, description="real held-out dataset SPEC: the teacher's outputs on it "
-                                "(not its inputs) go to the eval split")
-
-    def synth_config(self) -> SynthConfig:
-        return SynthConfig.model_validate(self.model_dump(include=set(SynthConfig.model_fields)))
-
-
-class SweepGrid(_Model):
-    """Every combination of the listed values becomes one student (alpha 0 ignores T)."""
-
-    spec: list[SpecIn] = Field(min_length=1)
-    temperature: list[float] = Field(default=[4.0], min_length=1)
-    alpha: list[float] = Field(default=[0.9], min_length=1)
-    lr: list[float] = Field(default=[0.01], min_length=1)
-    weight_decay: list[float] = Field(default=[0.0], min_length=1)
-    label_smoothing: list[float] = Field(default=[0.0], min_length=1)
-    seed: list[int] = Field(default=[0], min_length=1)
-
-    def expand(self) -> list[StudentConfig]:
-        configs: list[StudentConfig] = []
-        seen: set[str] = set()
-        for spec, t, a, lr, wd, ls, seed in product(self.spec, self.temperature, self.alpha, self.lr,
-                                                    self.weight_decay, self.label_smoothing, self.seed):
-            cfg = StudentConfig(spec=spec, temperature=t if a > 0 else self.temperature[0], alpha=a, lr=lr, weight_decay=wd,
-                                label_smoothing=ls, seed=seed)
-            key = cfg.model_dump_json()
-            if key not in seen:
-                seen.add(key)
-                configs.append(cfg)
-        return configs
-
-
-class TrainStage(TrainConfig):
-    """One training pass: its students (listed and/or a grid) read the same batches."""
-
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="stage name: train:<name>")
-    out: str | None = Field(default=None, description="output directory (relative to workdir); default: the name")
-    eval_data: SpecIn | None = Field(default=None, description="labelled test set; default: the cache's eval split")
-    students: list[StudentConfig] = Field(default_factory=list)
-    sweep: SweepGrid | None = None
-
-    @model_validator(mode="after")
-    def _has_students(self) -> TrainStage:
-        if not self.students and self.sweep is None:
-            raise ValueError(f"train stage {self.name!r} has no [[train.students]] and no [train.sweep]")
-        return self
-
-    def all_students(self) -> list[StudentConfig]:
-        return list(self.students) + (self.sweep.expand() if self.sweep else [])
-
-    def train_config(self) -> TrainConfig:
-        return TrainConfig.model_validate(self.model_dump(include=set(TrainConfig.model_fields)))
-
-
-class PipelineConfig(_Model):
-    """A pipeline file: teacher -> cache -> students (see the module docstring for the format)."""
-
-    version: Literal[1] = 1
-    name: str = Field(description="pipeline name, for logs and the summary")
-    description: str = ""
-    workdir: str = Field(default=".", description="base of relative paths; itself relative to the current directory")
-    teacher: TeacherStage
-    data: DataStage | None = Field(default=None, description="the rows to label (or [synthesis] instead)")
-    synthesis: SynthesisStage | None = Field(default=None, description="data-free: synthesize the inputs instead")
-    cache: CacheStage = Field(default_factory=CacheStage)
-    train: list[TrainStage] = Field(default_factory=list)
-
-    @model_validator(mode="after")
-    def _one_source(self) -> PipelineConfig:
-        if (self.data is None) == (self.synthesis is None):
-            raise ValueError("a pipeline needs exactly one source: [data] or [synthesis]")
-        return self
-
-    @model_validator(mode="after")
-    def _unique_stage_names(self) -> PipelineConfig:
-        names = [t.name for t in self.train]
-        if len(set(names)) != len(names):
-            raise ValueError(f"train stage names must be unique: {names}")
-        return self
-
-    def stage_names(self) -> list[str]:
-        return ["teacher", "build"] + [f"train:{t.name}" for t in self.train]
-
-    def path(self, value: str) -> str:
-        """A local path resolved against ``workdir`` (absolute, so it is recorded usefully in
-        manifests); URLs are left alone."""
-        if "://" in value:
-            return value
-        return os.path.abspath(os.path.join(self.workdir, value))
-
-
-# --- loading ------------------------------------------------------------------------------
-
-
-def _toml_loads(text: str) -> dict[str, Any]:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        try:
-            import tomli as tomllib  # type: ignore[no-redef]
-        except ModuleNotFoundError:
-            raise UsageError("reading pipeline files on Python 3.10 needs the 'tomli' package") from None
-    return tomllib.loads(text)
-
-
-def parse_value(raw: str) -> Any:
-    """A ``--set`` value: TOML when it parses (numbers, booleans, arrays, quoted strings), else text."""
-    try:
-        return _toml_loads(f"v = {raw}")["v"]
-    except Exception:  # noqa: BLE001 - any TOML error means "plain string"
-        return raw
-
-
-def apply_set(data: dict[str, Any], assignment: str) -> None:
-    """Apply one ``key=value`` to the parsed file (see the module docstring)."""
-    key, sep, raw = assignment.partition("=")
-    parts = [p for p in key.strip().split(".")]
-    if not sep or not all(parts):
-        raise UsageError(f"--set {assignment!r}: expected key=value with a dotted key, e.g. cache.temperature=8")
-    _assign(data, parts, parse_value(raw.strip()), assignment)
-
-
-def _assign(node: Any, parts: list[str], value: Any, text: str) -> None:
-    head, rest = parts[0], parts[1:]
-    if isinstance(node, list):
-        if head == "*":
-            targets = list(range(len(node)))
-        elif head.isdigit() and int(head) < len(node):
-            targets = [int(head)]
-        else:
-            raise UsageError(f"--set {text!r}: {head!r} is not a position in a list of {len(node)} (or *)")
-        for i in targets:
-            if rest:
-                _assign(node[i], rest, value, text)
-            else:
-                node[i] = value
-        return
-    if not isinstance(node, dict):
-        raise UsageError(f"--set {text!r}: cannot set {head!r} inside a {type(node).__name__}")
-    if not rest:
-        node[head] = value
-        return
-    if head not in node:
-        node[head] = {}
-    _assign(node[head], rest, value, text)
-
-
-def load_pipeline(path: str | Path, sets: Sequence[str] = ()) -> PipelineConfig:
-    """Read, override and validate a pipeline file; problems are one-line UsageErrors."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"{path}: no such pipeline file")
-    try:
-        data = _toml_loads(path.read_text())
-    except UsageError:
-        raise
-    except Exception as exc:  # tomllib.TOMLDecodeError
-        raise UsageError(f"{path}: not valid TOML: {exc}") from None
-    for assignment in sets:
-        apply_set(data, assignment)
-    try:
-        return PipelineConfig.model_validate(data)
-    except ValidationError as exc:
-        raise UsageError(f"{path}: {first_validation_error(exc, 'file')}") from None
-
-
-# --- running ------------------------------------------------------------------------------
+    from softcache.cache.trust import Trust
 
 Status = Literal["ran", "resumed", "skipped", "waiting", "excluded"]
 
@@ -331,12 +56,50 @@ def digits_teacher(path: str, seed: int = 0, epochs: int = 30, device: str | Non
     """Train the digits teacher (as ``softcache demo`` does) and save it as safetensors at ``path``.
 
     A ``[teacher.make]`` target: it returns what it measured for the run summary."""
-    from softcache.demo import TEACHER_SPEC, train_teacher
-    from softcache.spec import save_model
+    from softcache.teacher.fit import TEACHER_SPEC, train_teacher
+    from softcache.weights import save_model
 
     model, accuracy = train_teacher(seed=seed, epochs=epochs, device=device)
     save_model(model, path, TEACHER_SPEC)
     return {"test_accuracy": accuracy}
+
+
+def named_specs(cfg: PipelineConfig) -> list[tuple[str, Spec]]:
+    """Every SPEC the file names that is code to call, with where it is written (``train.0.students.1.spec``);
+    weights files are left to the stage that reads (or makes) them."""
+    found: list[tuple[str, Spec | None]] = [("teacher.spec", cfg.teacher.spec), ("teacher.make", cfg.teacher.make),
+                                             ("cache.augment", cfg.cache.augment)]
+    if cfg.data is not None:
+        found += [("data.train", cfg.data.train), ("data.eval", cfg.data.eval)]
+    if cfg.synthesis is not None:
+        found.append(("synthesis.eval", cfg.synthesis.eval))
+    for i, stage in enumerate(cfg.train):
+        found.append((f"train.{i}.eval_data", stage.eval_data))
+        found += [(f"train.{i}.students.{j}.spec", s.spec) for j, s in enumerate(stage.students)]
+        if stage.sweep is not None:
+            found += [(f"train.{i}.sweep.spec.{j}", s) for j, s in enumerate(stage.sweep.spec)]
+    from softcache.weights import is_weights_file
+
+    return [(where, spec) for where, spec in found if spec is not None and not is_weights_file(spec.target)]
+
+
+def check_specs(cfg: PipelineConfig) -> None:
+    """Resolve every SPEC of the file to a callable (import its module, find the attribute)
+    without calling it; the first that does not resolve is a one-line UsageError naming it."""
+    from softcache.cache.trust import split_target
+
+    for where, spec in named_specs(cfg):
+        try:
+            module_name, attr = split_target(spec.target)
+            obj = getattr(importlib.import_module(module_name), attr, None)
+            problem = (f"module {module_name!r} has no attribute {attr!r}" if obj is None else
+                       None if callable(obj) else f"{spec.target} is not callable")
+        except UsageError as exc:
+            problem = str(exc)
+        except Exception as exc:  # noqa: BLE001 - any failure to import is this SPEC's problem
+            problem = f"cannot import {spec.target.partition(':')[0]!r} ({type(exc).__name__}: {exc})"
+        if problem:
+            raise UsageError(f"pipeline {cfg.name}: {where} {spec.target!r}: {problem}; nothing was run")
 
 
 def _exists(url: str) -> bool:
@@ -384,28 +147,25 @@ def _teacher_stage(cfg: PipelineConfig, sharded: bool) -> StageResult:
 def _build_stage(cfg: PipelineConfig, shard: str | None, progress: bool,
                  trust: Trust | None = None) -> tuple[StageResult, bool]:
     """Build, resume or skip the cache; returns the result and whether the cache is complete."""
-    from softcache.teacher.build import build
     from softcache.cache.shards import TargetMismatch
+    from softcache.config import BuildConfig, BuildOptions
+    from softcache.teacher.build import build
 
     if cfg.synthesis is not None:
         return _synthesis_stage(cfg, shard, progress)
     assert cfg.data is not None  # one source is guaranteed by PipelineConfig
     c, url = cfg.cache, cfg.path(cfg.cache.url)
-    kwargs: dict[str, Any] = dict(
-        eval_data=cfg.data.eval, temperature=c.temperature, storage=c.storage, dtype=c.dtype,
-        batch_size=c.batch_size, chunk_rows=c.chunk_rows, shard_chunks=c.shard_chunks, store_inputs=c.store_inputs,
-        device=c.device, progress=progress, views=c.views, augment=c.augment, view_seed=c.view_seed, shard=shard,
-        trust=trust,
-    )
+    config = BuildConfig.model_validate(c.model_dump(include=set(BuildOptions.model_fields)) | {"shard": shard})
+    kwargs: dict[str, Any] = dict(eval_data=cfg.data.eval, progress=progress, trust=trust)
     start = time.perf_counter()
     teacher = _teacher_spec(cfg)
     try:
-        cache = build(teacher, cfg.data.train, url, overwrite=False, resume=True, **kwargs)
+        cache = build(teacher, cfg.data.train, url, config, overwrite=False, resume=True, **kwargs)
         replaced = False
     except TargetMismatch:
         if not c.overwrite or shard is not None:
             raise
-        cache = build(teacher, cfg.data.train, url, overwrite=True, **kwargs)
+        cache = build(teacher, cfg.data.train, url, config, overwrite=True, **kwargs)
         replaced = True
     report = cache.build_report or {}
     target = report.get("target")
@@ -427,10 +187,10 @@ def _synthesis_stage(cfg: PipelineConfig, shard: str | None, progress: bool) -> 
     s, c, url = cfg.synthesis, cfg.cache, cfg.path(cfg.cache.url)
     assert s is not None
     start = time.perf_counter()
-    result = synthesize(_teacher_spec(cfg), url, samples=s.samples, input_shape=s.input_shape, config=s.synth_config(),
-                        seed=s.seed, temperature=c.temperature, dtype=c.dtype, views=c.views, augment=c.augment,
-                        view_seed=c.view_seed, eval_data=s.eval, chunk_rows=c.chunk_rows, device=c.device,
-                        overwrite=c.overwrite, skip_existing=True, progress=progress)
+    shared = {name: getattr(c, name) for name in CacheOptions.model_fields}
+    shared["view_seed"] = c.view_seed or 0  # a pipeline's views are seeded with view_seed, not the synthesis seed
+    result = synthesize(_teacher_spec(cfg), url, s.synth_config(), samples=s.samples, input_shape=s.input_shape,
+                        seed=s.seed, eval_data=s.eval, skip_existing=True, progress=progress, **shared)
     detail = {"output": url, "cache_key": result.cache.manifest.cache_key, "complete": True,
               "synthesis_seconds": round(result.seconds, 3), "target_rate": result.target_rate,
               "fallback": result.fallback}
@@ -475,14 +235,14 @@ def _train_stage(cfg: PipelineConfig, stage: TrainStage, progress: bool, trust: 
     own = cfg.data
     data = str(own.train) if own is not None and not cache.train.has_inputs else None
     eval_data = stage.eval_data or (own.eval if own is not None and cache.eval is not None else None)
-    from softcache.spec import Trust
+    from softcache.cache.trust import Trust
 
     # the augmentation this file names is the user's own choice; any other recorded one is checked
     policy = (trust or Trust.from_user()).with_specs([cfg.cache.augment] if cfg.cache.augment is not None else [])
     # the stage's folder is the stage's own (the pipeline file names it): a rerun replaces what
     # an earlier run left there, and train swaps the new results in only once they are complete
     board = train(cache, students, data=data, eval_data=eval_data, out_dir=out, config=stage.train_config(),
-                  progress=progress, trust=policy, overwrite=True)
+                  progress=progress, trust=policy, overwrite=True).leaderboard
     record = {"stage": name, "key": key, "cache_key": cache.manifest.cache_key, "students": len(students),
               "finished_at": now_iso()}
     partial = out / f"{STAGE_FILE}.{os.getpid()}.partial"
@@ -509,13 +269,15 @@ def select_stages(cfg: PipelineConfig, only: str | Sequence[str] | None) -> list
 
 def run_pipeline(cfg: PipelineConfig, *, only: str | Sequence[str] | None = None, shard: str | None = None,
                  progress: bool = True, trust: Trust | None = None) -> list[StageResult]:
-    """Run the selected stages in order, skipping those whose output is already there.
+    """Check every SPEC of the file (:func:`check_specs`), then run the selected stages in
+    order, skipping those whose output is already there.
 
     ``trust`` (default ``Trust.from_user()``) says which modules of the user's a weights file's
     architecture or a cache's SPECs may name; the file's own augmentation is trusted as named."""
     from softcache.cache.shards import resolve_shard
 
     chosen = set(select_stages(cfg, only))
+    check_specs(cfg)
     sharded = resolve_shard(shard).count > 1
     results: list[StageResult] = []
     complete: bool | None = None
@@ -537,15 +299,3 @@ def run_pipeline(cfg: PipelineConfig, *, only: str | Sequence[str] | None = None
             stage = next(t for t in cfg.train if f"train:{t.name}" == name)
             results.append(_train_stage(cfg, stage, progress, trust))
     return results
-
-
-def summary(cfg: PipelineConfig, file: str, results: Sequence[StageResult], seconds: float) -> dict[str, Any]:
-    """The stable ``softcache run --json`` object."""
-    return {
-        "pipeline": cfg.name,
-        "file": file,
-        "workdir": os.path.abspath(cfg.workdir),
-        "stages": [r.to_json() for r in results],
-        "ran": [r.stage for r in results if r.status in ("ran", "resumed")],
-        "seconds": round(seconds, 3),
-    }

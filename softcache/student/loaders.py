@@ -1,68 +1,38 @@
-"""Stage 2 input: pairing the user's inputs with cached soft labels, row by row.
+"""Stage 2 input: pairing the user's inputs with cached soft labels, row by row, and the choice
+of loader.
 
 Random row access into a chunked store touches nearly every chunk per batch, so nothing here
-fancy-indexes the store: soft labels are read whole-chunk into RAM and batches are tensor
-indexing. Caches larger than RAM stream chunk-shuffled instead (``softcache.student.stream``), which
-also chooses between the two modes.
+fancy-indexes the store: in ``memory`` mode soft labels are read whole-chunk into RAM and batches
+are tensor indexing (:class:`MemoryLoader`); caches larger than RAM stream chunk-shuffled instead
+(:class:`~softcache.student.stream.StreamLoader`). :func:`open_loader` chooses between the two,
+``auto`` by a fixed memory budget so that the same machine always picks the same mode (and so the
+same batch order).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+import os
+import re
+from collections.abc import Callable, Iterator
+from typing import Literal
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from softcache.cache import store
+from softcache.cache.store import Cache, Split
 from softcache.data import check_matches
-from softcache.errors import CacheError
-from softcache.cache.store import Split
+from softcache.errors import CacheError, UsageError
+from softcache.student._batch import Batch, epoch_permutation, views_of
+from softcache.student.stream import DEFAULT_BUFFER_CHUNKS, StreamLoader
 
-
-@dataclass
-class Batch:
-    rows: torch.Tensor
-    inputs: torch.Tensor
-    soft: torch.Tensor | None
-    labels: torch.Tensor
-
+LoaderMode = Literal["auto", "memory", "stream"]
+MEMORY_BUDGET_ENV = "SOFTCACHE_MEMORY_BUDGET"
 
 SCAN_ROWS = 65_536
 """Rows checked at once when scanning soft labels held in RAM: bounds the scan's scratch memory
 (one flag per value) without slowing it."""
-
-
-@dataclass
-class NonFinite:
-    """Rows whose soft labels hold a NaN or an infinity: how many, and the first few."""
-
-    count: int = 0
-    first: list[int] = field(default_factory=list)
-
-
-def nonfinite_rows(blocks: Iterable[tuple[int, np.ndarray | torch.Tensor]], keep: int = 5) -> NonFinite:
-    """Scan ``(first_row, values)`` blocks of soft labels, a row being bad when any of its values
-    (any view, any class) is not finite: such a row turns a student's loss into NaN, so a cache
-    holding one must be refused before any student trains on it."""
-    found = NonFinite()
-    for start, values in blocks:
-        block = torch.as_tensor(values)
-        # quick test first: NaN and infinities propagate through a sum, which costs a fraction of
-        # an element-wise test; a sum that merely overflows falls through to the exact test
-        if bool(block.sum(dtype=torch.float32 if block.dtype == torch.float16 else None).isfinite()):
-            continue
-        bad = (~block.reshape(len(block), -1).isfinite().all(1)).nonzero().flatten()
-        found.count += len(bad)
-        if len(found.first) < keep:
-            found.first.extend((bad[: keep - len(found.first)] + start).tolist())
-    return found
-
-
-def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The row order of one epoch: a function of (seed, epoch) only, so runs and workers agree."""
-    gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
-    return torch.randperm(n, generator=gen)
 
 
 class MemoryLoader:
@@ -70,8 +40,12 @@ class MemoryLoader:
 
     ``soft`` is ``(N, V, C)``; epoch ``e`` shows row ``r`` through view ``(r + e) % V`` so
     every stored view is used in turn (with one view this is always view 0). With ``replay``
-    (augmented views, see ``augment.ViewReplay``) the batch's inputs are that same view re-created
+    (augmented views, see ``views.ViewReplay``) the batch's inputs are that same view re-created
     from the raw inputs, so inputs and soft labels always belong to one view.
+
+    ``soft`` may be held in the cache's storage dtype (``open_loader`` passes float16 as
+    stored): a batch is gathered first and widened to float32 after, which is exact and moves a
+    batch's bytes instead of converting the whole cache. Batches are float32 either way.
     """
 
     def __init__(self, inputs: torch.Tensor, soft: torch.Tensor | None, labels: torch.Tensor, *,
@@ -100,12 +74,18 @@ class MemoryLoader:
         order = epoch_permutation(n, self.shuffle_seed, epoch) if self.shuffle else torch.arange(n)
         order = order.to(self.device)
         views = self.soft.shape[1] if self.soft is not None else 1
+        # one view: a plain row gather of the (N, C) matrix, much cheaper than indexing by (row, view)
+        single = self.soft[:, 0] if self.soft is not None and views == 1 else None
         for start in range(0, n, self.batch_size):
             rows = order[start : start + self.batch_size]
             view = views_of(rows, epoch, views) if views > 1 else torch.zeros_like(rows)
-            soft = self.soft[rows, view] if self.soft is not None else None
-            inputs = self.replay(rows, view) if self.replay is not None else self.inputs[rows]
-            yield Batch(rows=rows, inputs=inputs, soft=soft, labels=self.labels[rows])  # type: ignore[arg-type]
+            soft = None
+            if single is not None:
+                soft = single.index_select(0, rows).to(torch.float32)
+            elif self.soft is not None:
+                soft = self.soft[rows, view].to(torch.float32)
+            inputs = self.replay(rows, view) if self.replay is not None else self.inputs.index_select(0, rows)
+            yield Batch(rows=rows, inputs=inputs, soft=soft, labels=self.labels.index_select(0, rows))
 
 
 class SoftLabelDataset(Dataset):
@@ -141,6 +121,87 @@ class SoftLabelDataset(Dataset):
         return [self[i] for i in indices]
 
 
-def views_of(rows: np.ndarray | torch.Tensor, epoch: int, views: int) -> np.ndarray | torch.Tensor:
-    """Which stored view each row shows in ``epoch`` (the same rule as MemoryLoader)."""
-    return (rows + epoch) % views
+# -- the choice of loader --------------------------------------------------------------------
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``123``, ``500MB``, ``2GiB``, ``1.5g`` (decimal units, and binary with ``i``)."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else ""
+    if not match or unit not in _UNITS:
+        raise UsageError(f"not a size: {text!r} (examples: 512MB, 2GiB, 1000000)")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def default_memory_budget() -> int:
+    """``$SOFTCACHE_MEMORY_BUDGET``, else the smaller of 4 GiB and half the machine's RAM.
+
+    A fixed cap rather than "what is free now" keeps the mode, and so the batch order, the same
+    from run to run on the same machine.
+    """
+    env = os.environ.get(MEMORY_BUDGET_ENV)
+    if env:
+        return parse_size(env)
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = 8 * 2**30
+    return min(4 * 2**30, ram // 2)
+
+
+def memory_bytes(split: Split, *, with_inputs: bool) -> int:
+    """Bytes ``memory`` mode holds for ``split``: float32 soft labels, plus stored inputs if read."""
+    soft = split.array(store.SOFT)
+    total = int(np.prod(soft.shape)) * 4
+    if with_inputs and split.has_inputs:
+        total += int(np.prod(split.array(store.INPUTS).shape)) * 4
+    return total
+
+
+def choose_mode(split: Split, mode: LoaderMode = "auto", memory_budget: int | str | None = None,
+                *, with_inputs: bool = False) -> Literal["memory", "stream"]:
+    """``memory`` when the soft labels (and stored inputs, if they come from the cache) fit."""
+    if mode not in ("auto", "memory", "stream"):
+        raise UsageError(f"loader must be auto, memory or stream, not {mode!r}")
+    if mode != "auto":
+        return mode
+    budget = default_memory_budget() if memory_budget is None else parse_size(memory_budget)
+    return "memory" if memory_bytes(split, with_inputs=with_inputs) <= budget else "stream"
+
+
+def open_loader(cache: Cache, *, inputs: torch.Tensor | None, batch_size: int, shuffle_seed: int = 0,
+                device: torch.device | str = "cpu", mode: LoaderMode = "auto", memory_budget: int | str | None = None,
+                buffer_chunks: int = DEFAULT_BUFFER_CHUNKS, workers: int = 0,
+                start_method: str | None = None,
+                replay: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                labels: torch.Tensor | None = None,
+                ) -> MemoryLoader | StreamLoader:
+    """The training split's loader in the mode asked for, or the one that fits the budget.
+
+    ``inputs=None`` means the inputs are the ones stored in the cache: read whole in ``memory``
+    mode, streamed with the soft labels in ``stream`` mode. ``replay(rows, views)`` re-creates
+    augmented views from the raw inputs (``views.cache_replay``), in either mode. ``labels``
+    (one per row, -1 when unknown) replace the cache's, e.g. the labels of the user's own data.
+    """
+    split = cache.train
+    chosen = choose_mode(split, mode, memory_budget, with_inputs=inputs is None)
+    if labels is None:
+        labels = torch.from_numpy(split.labels())
+    elif len(labels) != split.rows:
+        raise CacheError(f"{len(labels)} labels but {split.rows} cached rows")
+    if chosen == "memory":
+        if inputs is None:
+            if not split.has_inputs:
+                raise CacheError("this cache has no stored inputs; pass the training data")
+            inputs = torch.from_numpy(split.inputs())
+        soft = torch.from_numpy(split.read(store.SOFT))  # as stored; each batch is widened to float32
+        return MemoryLoader(inputs, soft, labels, batch_size=batch_size, shuffle_seed=shuffle_seed, device=device,
+                            replay=replay)
+    return StreamLoader(cache, inputs=inputs, labels=labels, batch_size=batch_size, shuffle_seed=shuffle_seed,
+                        buffer_chunks=buffer_chunks, device=device, workers=workers, start_method=start_method,
+                        replay=replay)

@@ -1,10 +1,19 @@
-"""The distillation loss (Hinton et al. 2015) and temperature rescaling of cached logits.
+"""The distillation loss (Hinton et al. 2015), in its two forms side by side, and temperature
+rescaling of cached logits.
+
+:func:`distillation_loss` is the loss of one student, differentiated by autograd.
+:func:`stacked_loss` is the same loss for K students stacked into one model
+(``softcache.student.stacked``), per student, with its gradient written out in closed form:
+the two must agree, so they live together.
 
 A cache stores z / T_cache. Training at another temperature T2 needs z / T2, which is the stored
 value times T_cache / T2: exact for full storage (up to the storage dtype's rounding).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -47,3 +56,83 @@ def distillation_loss(
         ce = F.cross_entropy(student_logits, labels, ignore_index=-1, label_smoothing=label_smoothing)
         total = total + (1 - alpha) * ce
     return total
+
+
+# -- the stacked form -------------------------------------------------------------------------
+
+
+def _log_softmax(z: torch.Tensor) -> torch.Tensor:
+    # z - logsumexp: the same values as log_softmax, and much faster for a short last dimension
+    return z - z.logsumexp(-1, keepdim=True)
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """Each student's T, alpha and label smoothing, as ``(K, 1, 1)`` columns made once per group
+    (building small tensors every step would cost more than the arithmetic they feed)."""
+
+    temperatures: tuple[float, ...]
+    alphas: tuple[float, ...]
+    label_smoothing: tuple[float, ...]
+    cache_temperature: float
+    temp: torch.Tensor
+    scale: torch.Tensor  # T_cache / T: stored z / T_cache to z / T
+    alpha: torch.Tensor
+    soft_weight: torch.Tensor  # alpha T^2, the soft term's weight in the loss
+    eps: torch.Tensor
+    soft_on: torch.Tensor  # alpha > 0: the student learns from the teacher
+    hard_on: torch.Tensor  # alpha < 1: the student learns from the labels
+
+    @staticmethod
+    def make(temperatures: Sequence[float], alphas: Sequence[float], label_smoothing: Sequence[float],
+             cache_temperature: float, like: torch.Tensor) -> LossSettings:
+        def col(values: Sequence[float]) -> torch.Tensor:
+            return torch.tensor(list(values), dtype=like.dtype, device=like.device).view(-1, 1, 1)
+
+        return LossSettings(
+            tuple(temperatures), tuple(alphas), tuple(label_smoothing), cache_temperature,
+            temp=col(temperatures), scale=col([cache_temperature / t for t in temperatures]), alpha=col(alphas),
+            soft_weight=col([a * t * t for a, t in zip(alphas, temperatures)]), eps=col(label_smoothing),
+            soft_on=col(alphas) > 0, hard_on=col(alphas) < 1,
+        )
+
+
+def stacked_loss(logits: torch.Tensor, soft: torch.Tensor | None, labels: torch.Tensor,
+                 settings: LossSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-student :func:`distillation_loss` of ``logits`` ``(K, B, C)`` and its
+    gradient with respect to the logits, in closed form.
+
+    Soft term ``alpha T^2 KL(p_t || softmax(z/T))`` over the batch has gradient
+    ``alpha T (softmax(z/T) - p_t) / B``; the hard term, cross-entropy with label smoothing
+    ``eps`` over the ``n`` rows with a known label, has ``(softmax(z) - q) / n`` with
+    ``q = (1 - eps) onehot(y) + eps / C``. As in the single-student loss, a term whose weight is
+    zero contributes nothing and the hard term is dropped when no label in the batch is known.
+
+    Students are isolated: a term is selected per student (``torch.where``), never multiplied by
+    a zero weight, so a NaN in one student's term (0 * NaN is NaN) cannot reach another student's
+    loss or gradient, and each student's row is computed as it would be in a group of one.
+    """
+    k, b, c = logits.shape
+    loss = logits.new_zeros(k)
+    grad = torch.zeros_like(logits)
+    if any(a > 0 for a in settings.alphas):
+        if soft is None:
+            raise ValueError("alpha > 0 needs teacher soft labels")
+        log_teacher = _log_softmax(soft.to(logits.dtype).unsqueeze(0) * settings.scale)
+        p_teacher = log_teacher.exp()
+        log_student = _log_softmax(logits / settings.temp)
+        kl = (p_teacher * (log_teacher - log_student)).sum((1, 2)) / b
+        loss = loss + torch.where(settings.soft_on.view(k), settings.soft_weight.view(k) * kl, 0.0)
+        grad = grad + torch.where(settings.soft_on, (settings.alpha * settings.temp / b) * (log_student.exp() - p_teacher),
+                                  0.0)
+    known = labels >= 0
+    n_known = int(known.sum())
+    if any(a < 1 for a in settings.alphas) and n_known:
+        log_p = _log_softmax(logits)
+        mask = known.to(logits.dtype).view(1, b, 1)
+        onehot = torch.nn.functional.one_hot(labels.clamp(min=0), c).to(logits.dtype).unsqueeze(0)
+        target = ((1 - settings.eps) * onehot + settings.eps / c) * mask
+        ce = -(target * log_p).sum((1, 2)) / n_known
+        loss = loss + torch.where(settings.hard_on.view(k), (1 - settings.alpha.view(k)) * ce, 0.0)
+        grad = grad + torch.where(settings.hard_on, ((1 - settings.alpha) / n_known) * (log_p.exp() * mask - target), 0.0)
+    return loss, grad

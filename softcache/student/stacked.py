@@ -10,14 +10,18 @@ The result is the same as training each student alone, up to float rounding: the
 through ``torch.func.functional_call`` under ``torch.func.vmap`` (or, for plain ``nn.Sequential``
 stacks of convolutions, pooling, ``Linear`` and element-wise activations, through grouped
 convolutions and batched matrix products that compute the same thing with less overhead, see
-:func:`sequential_forward`); the loss is the one of
-:func:`softcache.student.loss.distillation_loss`, per student, with its gradient written out in closed
-form; the update is ``torch.optim.Adam``'s, per student. Each student's ``nn.Module`` keeps working:
-its parameters are views of its row of the buffer, so it always holds its current weights.
+:func:`sequential_forward`); the loss is :func:`softcache.student.loss.stacked_loss`,
+:func:`~softcache.student.loss.distillation_loss` per student with its gradient written out in
+closed form; the update is ``torch.optim.Adam``'s, per student. Each student's ``nn.Module``
+keeps working: its parameters are views of its row of the buffer, so it always holds its
+current weights.
 
 A group falls back to stepping its students one by one when the architecture cannot be stacked:
 modules with buffers (BatchNorm running statistics), random layers such as dropout (vmap refuses
-them) or optimizers other than plain Adam.
+them) or optimizers other than plain Adam; and when stacking is measured slower than stepping
+them one by one, as it is once each student's matrices are large (:mod:`softcache.student._choice`
+times both ways once per architecture on throw-away copies, so no student takes a probe step and
+every pass of a process steps an architecture the same way).
 
 A student's result does not depend on which students share its pass: a stackable student with
 no partner still trains as a group of one, through the same code as in a group of twelve, and
@@ -37,17 +41,17 @@ import copy
 import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from softcache.student.loaders import Batch
-
-if TYPE_CHECKING:
-    from softcache.student.train import StudentRun
+from softcache.config import StudentConfig
+from softcache.student._adam import StackedAdam, adam_settings
+from softcache.student._batch import Batch
+from softcache.student._choice import DEFAULT_CHOOSER, ONE_BY_ONE, PROBE_STUDENTS, STACKED, PathChooser
+from softcache.student.loss import LossSettings, stacked_loss
 
 Forward = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 
@@ -55,6 +59,19 @@ ELEMENTWISE: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.ELU, nn.Softplus, nn.Mish,
     nn.Hardtanh, nn.Hardswish, nn.Identity,
 )
+
+
+class Student(Protocol):
+    """What a group needs of each student it stacks (:class:`softcache.student.run.Student`):
+    stated as a protocol so that stacking depends on no training loop."""
+
+    config: StudentConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    losses: list[torch.Tensor]
+    seconds: float
+
+    def step(self, batch: Batch, soft: torch.Tensor | None, cache_temperature: float) -> None: ...
 
 
 class _NotStackable(Exception):
@@ -157,139 +174,13 @@ def vmap_forward(template: nn.Module) -> Forward:
     return vmap(single, in_dims=(0, None), randomness="error")
 
 
-# -- loss ------------------------------------------------------------------------------------
-
-
-def _log_softmax(z: torch.Tensor) -> torch.Tensor:
-    # z - logsumexp: the same values as log_softmax, and much faster for a short last dimension
-    return z - z.logsumexp(-1, keepdim=True)
-
-
-@dataclass(frozen=True)
-class LossSettings:
-    """Each student's T, alpha and label smoothing, as ``(K, 1, 1)`` columns made once per group
-    (building small tensors every step would cost more than the arithmetic they feed)."""
-
-    temperatures: tuple[float, ...]
-    alphas: tuple[float, ...]
-    label_smoothing: tuple[float, ...]
-    cache_temperature: float
-    temp: torch.Tensor
-    scale: torch.Tensor  # T_cache / T: stored z / T_cache to z / T
-    alpha: torch.Tensor
-    soft_weight: torch.Tensor  # alpha T^2, the soft term's weight in the loss
-    eps: torch.Tensor
-    soft_on: torch.Tensor  # alpha > 0: the student learns from the teacher
-    hard_on: torch.Tensor  # alpha < 1: the student learns from the labels
-
-    @staticmethod
-    def make(temperatures: Sequence[float], alphas: Sequence[float], label_smoothing: Sequence[float],
-             cache_temperature: float, like: torch.Tensor) -> LossSettings:
-        def col(values: Sequence[float]) -> torch.Tensor:
-            return torch.tensor(list(values), dtype=like.dtype, device=like.device).view(-1, 1, 1)
-
-        return LossSettings(
-            tuple(temperatures), tuple(alphas), tuple(label_smoothing), cache_temperature,
-            temp=col(temperatures), scale=col([cache_temperature / t for t in temperatures]), alpha=col(alphas),
-            soft_weight=col([a * t * t for a, t in zip(alphas, temperatures)]), eps=col(label_smoothing),
-            soft_on=col(alphas) > 0, hard_on=col(alphas) < 1,
-        )
-
-
-def stacked_loss(logits: torch.Tensor, soft: torch.Tensor | None, labels: torch.Tensor,
-                 settings: LossSettings) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-student :func:`~softcache.student.loss.distillation_loss` of ``logits`` ``(K, B, C)`` and its
-    gradient with respect to the logits, in closed form.
-
-    Soft term ``alpha T^2 KL(p_t || softmax(z/T))`` over the batch has gradient
-    ``alpha T (softmax(z/T) - p_t) / B``; the hard term, cross-entropy with label smoothing
-    ``eps`` over the ``n`` rows with a known label, has ``(softmax(z) - q) / n`` with
-    ``q = (1 - eps) onehot(y) + eps / C``. As in the single-student loss, a term whose weight is
-    zero contributes nothing and the hard term is dropped when no label in the batch is known.
-
-    Students are isolated: a term is selected per student (``torch.where``), never multiplied by
-    a zero weight, so a NaN in one student's term (0 * NaN is NaN) cannot reach another student's
-    loss or gradient, and each student's row is computed as it would be in a group of one.
-    """
-    k, b, c = logits.shape
-    loss = logits.new_zeros(k)
-    grad = torch.zeros_like(logits)
-    if any(a > 0 for a in settings.alphas):
-        if soft is None:
-            raise ValueError("alpha > 0 needs teacher soft labels")
-        log_teacher = _log_softmax(soft.to(logits.dtype).unsqueeze(0) * settings.scale)
-        p_teacher = log_teacher.exp()
-        log_student = _log_softmax(logits / settings.temp)
-        kl = (p_teacher * (log_teacher - log_student)).sum((1, 2)) / b
-        loss = loss + torch.where(settings.soft_on.view(k), settings.soft_weight.view(k) * kl, 0.0)
-        grad = grad + torch.where(settings.soft_on, (settings.alpha * settings.temp / b) * (log_student.exp() - p_teacher),
-                                  0.0)
-    known = labels >= 0
-    n_known = int(known.sum())
-    if any(a < 1 for a in settings.alphas) and n_known:
-        log_p = _log_softmax(logits)
-        mask = known.to(logits.dtype).view(1, b, 1)
-        onehot = torch.nn.functional.one_hot(labels.clamp(min=0), c).to(logits.dtype).unsqueeze(0)
-        target = ((1 - settings.eps) * onehot + settings.eps / c) * mask
-        ce = -(target * log_p).sum((1, 2)) / n_known
-        loss = loss + torch.where(settings.hard_on.view(k), (1 - settings.alpha.view(k)) * ce, 0.0)
-        grad = grad + torch.where(settings.hard_on, ((1 - settings.alpha) / n_known) * (log_p.exp() * mask - target), 0.0)
-    return loss, grad
-
-
-# -- optimizer -------------------------------------------------------------------------------
-
-
-class StackedAdam:
-    """``torch.optim.Adam`` (L2 weight decay, no amsgrad) over one flat buffer holding every
-    parameter of K students, with a learning rate and weight decay per student; the arithmetic
-    follows torch's single-tensor Adam. One buffer means one set of update operations per step,
-    whatever the number of parameter tensors. ``student[i]`` says which student element ``i``
-    belongs to; learning rate and weight decay are expanded to one value per element once."""
-
-    def __init__(self, flat: torch.Tensor, grad: torch.Tensor, student: torch.Tensor, lrs: Sequence[float],
-                 weight_decays: Sequence[float], betas: tuple[float, float], eps: float):
-        self.flat, self.grad, self.betas, self.eps = flat, grad, betas, eps
-        self.lr = torch.tensor(list(lrs), dtype=flat.dtype, device=flat.device)[student]
-        self.step_count = 0
-        self.exp_avg = torch.zeros_like(flat)
-        self.exp_avg_sq = torch.zeros_like(flat)
-        self._decay = None if not any(weight_decays) else torch.tensor(
-            list(weight_decays), dtype=flat.dtype, device=flat.device)[student]
-
-    @torch.no_grad()
-    def step(self) -> None:
-        self.step_count += 1
-        beta1, beta2 = self.betas
-        bias1 = 1 - beta1**self.step_count
-        bias2_sqrt = (1 - beta2**self.step_count) ** 0.5
-        p, grad = self.flat, self.grad
-        if self._decay is not None:
-            grad = grad + p * self._decay
-        self.exp_avg.lerp_(grad, 1 - beta1)
-        self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = (self.exp_avg_sq.sqrt() / bias2_sqrt).add_(self.eps)
-        # torch rounds lr / bias1 once; this rounds lr and 1 / bias1: a difference of an ulp
-        p.add_(self.exp_avg.mul(self.lr).mul_(-1 / bias1).div_(denom))
-
-
-def _adam_settings(optimizer: torch.optim.Optimizer) -> tuple[float, float, tuple[float, float], float] | None:
-    """(lr, weight_decay, betas, eps) of a plain Adam with one parameter group, else None."""
-    if type(optimizer) is not torch.optim.Adam or len(optimizer.param_groups) != 1:
-        return None
-    g = optimizer.param_groups[0]
-    if g.get("amsgrad") or g.get("maximize") or g.get("decoupled_weight_decay") or isinstance(g["lr"], torch.Tensor):
-        return None
-    return float(g["lr"]), float(g["weight_decay"]), (float(g["betas"][0]), float(g["betas"][1])), float(g["eps"])
-
-
 # -- the group -------------------------------------------------------------------------------
 
 
 class StudentGroup:
-    """K students of one architecture stepped together; ``step`` has :class:`StudentRun`'s signature."""
+    """K students of one architecture stepped together; ``step`` has a :class:`Student`'s signature."""
 
-    def __init__(self, runs: Sequence[StudentRun]):
+    def __init__(self, runs: Sequence[Student], chooser: PathChooser = DEFAULT_CHOOSER):
         self.runs = list(runs)
         k = len(self.runs)
         models = [r.model for r in self.runs]
@@ -312,11 +203,13 @@ class StudentGroup:
             leaf.grad = self.grad[block].view(k, *shape)
             self._stacked[name] = leaf
         student = torch.cat([torch.arange(k, device=self.flat.device).repeat_interleave(n // k) for n in sizes])
-        settings = [_adam_settings(r.optimizer) for r in self.runs]
+        settings = [adam_settings(r.optimizer) for r in self.runs]
         _, _, betas, eps = settings[0]  # type: ignore[misc]
         self.optimizer = StackedAdam(self.flat, self.grad, student, [s[0] for s in settings],  # type: ignore[index]
                                      [s[1] for s in settings], betas, eps)  # type: ignore[index]
         self._import_state()
+        self._state_in = "group"  # where the current Adam state lives: "group" or "runs"
+        self._chooser = chooser
         self._loss: LossSettings | None = None
         self._template = models[0]
         self._forward: Forward | None = None
@@ -329,6 +222,13 @@ class StudentGroup:
     def _student_view(self, buffer: torch.Tensor, i: int, j: int) -> torch.Tensor:
         """Parameter ``i`` of student ``j`` inside a flat buffer laid out like ``self.flat``."""
         return buffer[self.blocks[i]].view(len(self.runs), *self.shapes[i])[j]
+
+    def _state_to_group(self) -> None:
+        """Take the Adam state back from the students' optimizers before a stacked step."""
+        if self._state_in == "group":
+            return
+        self._import_state()
+        self._state_in = "group"
 
     def _import_state(self) -> None:
         """Carry over Adam moments from earlier training, so regrouping never resets them."""
@@ -347,7 +247,15 @@ class StudentGroup:
 
     def export_state(self) -> None:
         """Write the Adam moments back into each student's own optimizer (after a pass)."""
-        if self.mode == "one-by-one" or self.optimizer.step_count == 0:
+        if self._state_in == "group" and self.optimizer.step_count > 0:
+            self._state_to_runs()
+
+    def _state_to_runs(self) -> None:
+        """Hand the Adam state to the students' own optimizers before they step one by one."""
+        if self._state_in == "runs":
+            return
+        self._state_in = "runs"
+        if self.optimizer.step_count == 0:
             return
         for j, run in enumerate(self.runs):
             for i, p in enumerate(run.model.parameters()):
@@ -371,16 +279,64 @@ class StudentGroup:
                         return
                 except Exception:  # noqa: BLE001 - any failure means this path does not apply
                     continue
-        self.mode = "one-by-one"
+        self.mode, self._state_in = "one-by-one", "runs"  # the students' optimizers hold the state from here
 
     def step(self, batch: Batch, soft: torch.Tensor | None, cache_temperature: float) -> None:
-        start = time.perf_counter()
+        """One optimizer step per student on this batch: stacked, or one by one where the
+        architecture cannot be stacked or stacking is measured slower (:meth:`_choose_path`)."""
         if self.mode == "pending":
             self._choose_forward(batch.inputs)
+            if self._forward is not None and self._choose_path(batch, soft, cache_temperature) == ONE_BY_ONE:
+                self._forward, self.mode, self._state_in = None, "one-by-one", "runs"
         if self._forward is None:
-            for run in self.runs:
-                run.step(batch, soft, cache_temperature)
-            return
+            self._step_one_by_one(batch, soft, cache_temperature)
+        else:
+            self._step_stacked(batch, soft, cache_temperature)
+
+    def _choose_path(self, batch: Batch, soft: torch.Tensor | None, cache_temperature: float) -> str:
+        """Stacked or one by one for this architecture (:mod:`softcache.student._choice`): timed
+        on copies of the first student, the same number of them whatever this group holds."""
+        first = self.runs[0]
+        key = (first.config.spec_key(), tuple(self.shapes), str(self.flat.device), self.mode,
+               tuple(batch.inputs.shape), None if soft is None else tuple(soft.shape), torch.get_num_threads())
+
+        def probe_group() -> StudentGroup:
+            copies = [copy.deepcopy(first) for _ in range(PROBE_STUDENTS)]
+            group = StudentGroup(copies, self._chooser)
+            group._forward, group.mode = self._forward, self.mode
+            return group
+
+        groups: list[StudentGroup] = []
+        device = self.flat.device
+
+        def finish() -> None:  # a CUDA step is done when its kernels are, not when they are queued
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        def stacked() -> None:
+            groups[:] = groups or [probe_group()]
+            groups[0]._state_to_group()
+            groups[0]._step_stacked(batch, soft, cache_temperature)
+            finish()
+
+        def one_by_one() -> None:
+            groups[:] = groups or [probe_group()]
+            groups[0]._state_to_runs()
+            groups[0]._step_one_by_one(batch, soft, cache_temperature)
+            finish()
+
+        try:
+            return self._chooser.choose(key, stacked, one_by_one)
+        except Exception:  # noqa: BLE001 - a model that cannot be copied keeps the stacked path it had
+            return STACKED
+
+    def _step_one_by_one(self, batch: Batch, soft: torch.Tensor | None, cache_temperature: float) -> None:
+        for run in self.runs:
+            run.step(batch, soft, cache_temperature)
+
+    def _step_stacked(self, batch: Batch, soft: torch.Tensor | None, cache_temperature: float) -> None:
+        start = time.perf_counter()
+        assert self._forward is not None
         logits = self._forward(self.stacked_params(), batch.inputs)
         if self._loss is None or self._loss.cache_temperature != cache_temperature:
             cfgs = [r.config for r in self.runs]
@@ -396,32 +352,34 @@ class StudentGroup:
             run.seconds += share
 
 
-def stackable(run: StudentRun) -> bool:
+def stackable(run: Student) -> bool:
     """A student can join a group: plain Adam, no buffers, every parameter trained."""
     params = list(run.model.parameters())
-    return (_adam_settings(run.optimizer) is not None and not any(True for _ in run.model.buffers())
+    return (adam_settings(run.optimizer) is not None and not any(True for _ in run.model.buffers())
             and bool(params) and all(p.requires_grad for p in params)
             and len(run.optimizer.param_groups[0]["params"]) == len(params))
 
 
-def plan_groups(runs: Sequence[StudentRun]) -> list[StudentRun | StudentGroup]:
-    """Students sharing a SPEC (and device, Adam betas and eps) become one group, a lone one a
-    group of one (so its arithmetic is the same as in any larger group); students that cannot be
-    stacked step alone. Order follows the first member of each."""
-    buckets: dict[tuple[object, ...], list[StudentRun]] = {}
-    order: list[tuple[object, ...] | StudentRun] = []
+def plan_groups(runs: Sequence[Student]) -> list[Student | StudentGroup]:
+    """Students sharing a SPEC or model function (and parameter shapes, device, Adam betas and
+    eps) become one group, a lone one a group of one (so its arithmetic is the same as in any
+    larger group); students that cannot be stacked step alone. Order follows the first member of
+    each."""
+    buckets: dict[tuple[object, ...], list[Student]] = {}
+    order: list[tuple[object, ...] | Student] = []
     for run in runs:
         if not stackable(run):
             order.append(run)
             continue
-        _, _, betas, eps = _adam_settings(run.optimizer)  # type: ignore[misc]
+        _, _, betas, eps = adam_settings(run.optimizer)  # type: ignore[misc]
         device = next(run.model.parameters()).device
-        key = (str(run.config.spec), str(device), betas, eps)
+        shapes = tuple((name, tuple(p.shape)) for name, p in run.model.named_parameters())
+        key = (run.config.spec_key(), shapes, str(device), betas, eps)
         if key not in buckets:
             buckets[key] = []
             order.append(key)
         buckets[key].append(run)
-    steppers: list[StudentRun | StudentGroup] = []
+    steppers: list[Student | StudentGroup] = []
     for item in order:
         if isinstance(item, tuple):
             members = buckets[item]
@@ -432,7 +390,7 @@ def plan_groups(runs: Sequence[StudentRun]) -> list[StudentRun | StudentGroup]:
 
 
 @contextlib.contextmanager
-def grouped(runs: Sequence[StudentRun], enabled: bool = True) -> Iterator[list[StudentRun | StudentGroup]]:
+def grouped(runs: Sequence[Student], enabled: bool = True) -> Iterator[list[Student | StudentGroup]]:
     """What a training pass steps on each batch: groups of stacked students and lone students.
 
     On exit each grouped student's optimizer receives its Adam state, so a later pass, grouped

@@ -1,11 +1,11 @@
-"""Stage 2 loaders beyond RAM: chunk-shuffled streaming, and the automatic choice of loader.
+"""Stage 2 loader beyond RAM: chunk-shuffled streaming.
 
 Random rows from a chunked store cost a chunk decode each (256 random rows touch nearly every
 chunk), so batches are never fancy-indexed from the store. Two modes remain:
 
 ``memory``
     soft labels read whole-chunk into one tensor, batches are tensor indexing
-    (:class:`~softcache.student.loaders.MemoryLoader`). Chosen by ``auto`` when they fit the memory budget.
+    (:class:`~softcache.student.loaders.MemoryLoader`); ``open_loader`` there picks the mode.
 ``stream``
     for caches larger than RAM (:class:`StreamLoader`). Per epoch the chunk order is shuffled;
     chunks are taken ``buffer_chunks`` at a time, each group decoded once (adjacent chunks in
@@ -47,317 +47,24 @@ data-parallel training, at the cost of a few rows per epoch).
 
 from __future__ import annotations
 
-import os
-import queue
-import re
-import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from zarr.buffer.cpu import NDBuffer
+from torch.utils.data import DataLoader
 
 from softcache.cache import store
-from softcache.errors import CacheError, UsageError
-from softcache.student.loaders import Batch, MemoryLoader, views_of
 from softcache.cache.store import Cache, Split
+from softcache.errors import CacheError, UsageError
+from softcache.student._batch import Batch, views_of
+from softcache.student._chunks import BufferStream, ChunkSource, Piece, RowBuffer
+from softcache.student._prefetch import Prefetcher
 
-LoaderMode = Literal["auto", "memory", "stream"]
 DEFAULT_BUFFER_CHUNKS = 4
-MEMORY_BUDGET_ENV = "SOFTCACHE_MEMORY_BUDGET"
-_SEED_TAG = 0x50F7CA
-
-
-# -- sizes and the choice of mode ------------------------------------------------------------
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_size(text: str | int) -> int:
-    """Bytes from ``123``, ``500MB``, ``2GiB``, ``1.5g`` (decimal units, and binary with ``i``)."""
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    unit = match.group(2).lower() if match else ""
-    if not match or unit not in _UNITS:
-        raise UsageError(f"not a size: {text!r} (examples: 512MB, 2GiB, 1000000)")
-    return int(float(match.group(1)) * _UNITS[unit])
-
-
-def default_memory_budget() -> int:
-    """``$SOFTCACHE_MEMORY_BUDGET``, else the smaller of 4 GiB and half the machine's RAM.
-
-    A fixed cap rather than "what is free now" keeps the mode, and so the batch order, the same
-    from run to run on the same machine.
-    """
-    env = os.environ.get(MEMORY_BUDGET_ENV)
-    if env:
-        return parse_size(env)
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        ram = 8 * 2**30
-    return min(4 * 2**30, ram // 2)
-
-
-def memory_bytes(split: Split, *, with_inputs: bool) -> int:
-    """Bytes ``memory`` mode holds for ``split``: float32 soft labels, plus stored inputs if read."""
-    soft = split.array(store.SOFT)
-    total = int(np.prod(soft.shape)) * 4
-    if with_inputs and split.has_inputs:
-        total += int(np.prod(split.array(store.INPUTS).shape)) * 4
-    return total
-
-
-def choose_mode(split: Split, mode: LoaderMode = "auto", memory_budget: int | str | None = None,
-                *, with_inputs: bool = False) -> Literal["memory", "stream"]:
-    """``memory`` when the soft labels (and stored inputs, if they come from the cache) fit."""
-    if mode not in ("auto", "memory", "stream"):
-        raise UsageError(f"loader must be auto, memory or stream, not {mode!r}")
-    if mode != "auto":
-        return mode
-    budget = default_memory_budget() if memory_budget is None else parse_size(memory_budget)
-    return "memory" if memory_bytes(split, with_inputs=with_inputs) <= budget else "stream"
-
-
-# -- the epoch plan --------------------------------------------------------------------------
-
-
-def epoch_groups(num_chunks: int, *, seed: int, epoch: int, rank: int, world_size: int,
-                 buffer_chunks: int, shuffle: bool) -> list[np.ndarray]:
-    """The chunk groups rank ``rank`` reads in ``epoch``, in order (each group sorted so that
-    adjacent chunks are read together)."""
-    if shuffle:
-        order = np.random.default_rng([_SEED_TAG, seed, epoch]).permutation(num_chunks)
-    else:
-        order = np.arange(num_chunks)
-    mine = order[rank::world_size]
-    return [np.sort(mine[i : i + buffer_chunks]) for i in range(0, len(mine), buffer_chunks)]
-
-
-def chunk_runs(chunks: np.ndarray, chunk_rows: int, rows: int) -> list[tuple[int, int]]:
-    """Row ranges covering sorted ``chunks``, adjacent chunks merged into one range."""
-    runs: list[tuple[int, int]] = []
-    for c in chunks.tolist():
-        start, stop = c * chunk_rows, min((c + 1) * chunk_rows, rows)
-        if runs and runs[-1][1] == start:
-            runs[-1] = (runs[-1][0], stop)
-        else:
-            runs.append((start, stop))
-    return runs
-
-
-@dataclass
-class RowBuffer:
-    """One decoded group of chunks, rows in storage order: row ids, soft labels ``(n, C)`` in the
-    stored dtype (the view this epoch shows), stored inputs when those are streamed, and the
-    shuffled ``order`` in which the rows are served (None: storage order). Keeping the order
-    apart, instead of permuting the arrays, saves a copy of the group."""
-
-    epoch: int
-    index: int
-    rows: torch.Tensor
-    soft: torch.Tensor
-    inputs: torch.Tensor | None
-    order: torch.Tensor | None
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def piece(self, start: int, stop: int) -> Piece:
-        """Served rows ``start:stop`` (positions in the shuffled order), gathered."""
-        sel: slice | torch.Tensor = slice(start, stop) if self.order is None else self.order[start:stop]
-        return Piece(self.rows[sel], self.soft[sel], self.inputs[sel] if self.inputs is not None else None)
-
-
-@dataclass
-class Piece:
-    """Rows of one batch, or of the part of a batch taken from one group."""
-
-    rows: torch.Tensor
-    soft: torch.Tensor
-    inputs: torch.Tensor | None
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    @staticmethod
-    def join(parts: list[Piece]) -> Piece:
-        if len(parts) == 1:
-            return parts[0]
-        inputs = torch.cat([p.inputs for p in parts]) if parts[0].inputs is not None else None  # type: ignore[misc]
-        return Piece(torch.cat([p.rows for p in parts]), torch.cat([p.soft for p in parts]), inputs)
-
-
-def read_rows(array: Any, runs: list[tuple[int, int]]) -> np.ndarray:
-    """Rows of ``runs`` of a zarr array, decoded straight into one preallocated array (zarr's
-    ``out=``), so a group costs its own size plus one chunk in flight, not two copies."""
-    total = sum(b - a for a, b in runs)
-    out = np.empty((total, *array.shape[1:]), dtype=array.dtype)
-    at = 0
-    for a, b in runs:
-        array.get_basic_selection(slice(a, b), out=NDBuffer.from_numpy_array(out[at : at + b - a]))
-        at += b - a
-    return out
-
-
-class ChunkSource:
-    """Reads chunk groups of one split. Picklable: the store is opened lazily in each process."""
-
-    def __init__(self, url: str, split: str, *, rows: int, chunk_rows: int, views: int, stream_inputs: bool,
-                 seed: int, rank: int, world_size: int, buffer_chunks: int, shuffle: bool):
-        self.url, self.split, self.rows, self.chunk_rows, self.views = url, split, rows, chunk_rows, views
-        self.stream_inputs, self.seed, self.rank, self.world_size = stream_inputs, seed, rank, world_size
-        self.buffer_chunks, self.shuffle = buffer_chunks, shuffle
-        self.num_chunks = -(-rows // chunk_rows)
-        self._arrays: tuple[Any, Any] | None = None
-        self._pid = -1
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_arrays"], state["_pid"] = None, -1
-        return state
-
-    def _open(self) -> tuple[Any, Any]:
-        if self._arrays is None or self._pid != os.getpid():
-            group = store.open_group(self.url, "r")
-            if self.split != "train":
-                group = group[self.split]
-            self._arrays = (group[store.SOFT], group[store.INPUTS] if self.stream_inputs else None)
-            self._pid = os.getpid()
-        return self._arrays
-
-    def groups(self, epoch: int, rank: int | None = None) -> list[np.ndarray]:
-        return epoch_groups(self.num_chunks, seed=self.seed, epoch=epoch, rank=self.rank if rank is None else rank,
-                            world_size=self.world_size, buffer_chunks=self.buffer_chunks, shuffle=self.shuffle)
-
-    def rank_rows(self, epoch: int, rank: int | None = None) -> int:
-        return sum(b - a for g in self.groups(epoch, rank) for a, b in chunk_runs(g, self.chunk_rows, self.rows))
-
-    def read(self, epoch: int, index: int, chunks: np.ndarray) -> RowBuffer:
-        """Decode the chunks of one group (each once), pick this epoch's view, draw the row order."""
-        soft_arr, input_arr = self._open()
-        runs = chunk_runs(chunks, self.chunk_rows, self.rows)
-        rows = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in runs])
-        soft = read_rows(soft_arr, runs)
-        soft = soft[np.arange(len(rows)), views_of(rows, epoch, self.views)] if self.views > 1 else soft[:, 0]
-        inputs = torch.from_numpy(read_rows(input_arr, runs)) if input_arr is not None else None
-        order = None
-        if self.shuffle:
-            perm = np.random.default_rng([_SEED_TAG, self.seed, epoch, self.rank, index]).permutation(len(rows))
-            order = torch.from_numpy(perm)
-        return RowBuffer(epoch, index, torch.from_numpy(rows), torch.from_numpy(soft), inputs, order)
-
-    def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
-        """Every row, every view, in storage order, ``buffer_chunks`` chunks at a time: a pass
-        over the whole store that holds one group at a time, whatever the cache's size."""
-        soft_arr, _ = self._open()
-        step = self.buffer_chunks
-        for first in range(0, self.num_chunks, step):
-            runs = chunk_runs(np.arange(first, min(first + step, self.num_chunks)), self.chunk_rows, self.rows)
-            yield runs[0][0], read_rows(soft_arr, runs)
-
-    def empty(self, epoch: int, index: int) -> RowBuffer:
-        return RowBuffer(epoch, index, torch.zeros(0, dtype=torch.int64), torch.zeros(0), None, None)
-
-
-class BufferStream(IterableDataset):
-    """Every epoch from ``start_epoch`` on, as a stream of :class:`RowBuffer`.
-
-    In worker ``w`` of ``n`` it yields groups ``w, w + n, ...`` and pads with empty buffers so that
-    every worker yields the same number per epoch: the DataLoader's round-robin then returns the
-    groups in plan order, whatever ``n`` is.
-    """
-
-    def __init__(self, source: ChunkSource, start_epoch: int):
-        self.source, self.start_epoch = source, start_epoch
-
-    def __iter__(self) -> Iterator[RowBuffer]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        epoch = self.start_epoch
-        while True:
-            groups = self.source.groups(epoch)
-            for j in range(-(-len(groups) // workers)):
-                index = j * workers + worker
-                if index < len(groups):
-                    yield self.source.read(epoch, index, groups[index])
-                else:
-                    yield self.source.empty(epoch, index)
-            epoch += 1
 
 
 def _as_is(item: RowBuffer) -> RowBuffer:
     return item
-
-
-class Prefetcher:
-    """Runs an iterator in a background thread, ``depth`` items ahead; errors re-raised in order.
-
-    Reading the store overlaps with training (zarr decoding and file reads release the GIL).
-    The thread stops when :meth:`close` is called or the prefetcher is garbage-collected.
-    """
-
-    _DONE = object()
-
-    def __init__(self, source: Iterator[Any], depth: int):
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(source, self._queue, self._stop),
-                                        name="softcache-prefetch", daemon=True)
-        self._thread.start()
-
-    @staticmethod
-    def _run(source: Iterator[Any], out: queue.Queue[Any], stop: threading.Event) -> None:
-        def put(item: Any) -> bool:
-            while not stop.is_set():
-                try:
-                    out.put(item, timeout=0.05)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        try:
-            while not stop.is_set():  # checked before each read, so close() never waits for an extra one
-                try:
-                    item = next(source)
-                except StopIteration:
-                    put(Prefetcher._DONE)
-                    return
-                if not put(item):
-                    return
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
-            put(exc)
-
-    def __iter__(self) -> Prefetcher:
-        return self
-
-    def __next__(self) -> Any:
-        item = self._queue.get()
-        if item is Prefetcher._DONE:
-            raise StopIteration
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def close(self) -> None:
-        """Stop the thread and wait for the read in progress, so no read outlives the loader."""
-        self._stop.set()
-        while True:  # free a slot so a thread blocked on a full queue sees the stop at once
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=60)
-
-    def __del__(self) -> None:
-        self._stop.set()
 
 
 def _row_bytes(array: Any) -> int:
@@ -542,39 +249,3 @@ class StreamLoader:
         else:
             inputs = piece.inputs.to(self.device)  # type: ignore[union-attr]
         return Batch(rows=rows, inputs=inputs, soft=piece.soft.to(self.device, torch.float32), labels=self.labels[rows])
-
-
-# -- one entry point for stage 2 -------------------------------------------------------------
-
-
-def open_loader(cache: Cache, *, inputs: torch.Tensor | None, batch_size: int, shuffle_seed: int = 0,
-                device: torch.device | str = "cpu", mode: LoaderMode = "auto", memory_budget: int | str | None = None,
-                buffer_chunks: int = DEFAULT_BUFFER_CHUNKS, workers: int = 0,
-                start_method: str | None = None,
-                replay: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                labels: torch.Tensor | None = None,
-                ) -> MemoryLoader | StreamLoader:
-    """The training split's loader in the mode asked for, or the one that fits the budget.
-
-    ``inputs=None`` means the inputs are the ones stored in the cache: read whole in ``memory``
-    mode, streamed with the soft labels in ``stream`` mode. ``replay(rows, views)`` re-creates
-    augmented views from the raw inputs (``augment.cache_replay``), in either mode. ``labels``
-    (one per row, -1 when unknown) replace the cache's, e.g. the labels of the user's own data.
-    """
-    split = cache.train
-    chosen = choose_mode(split, mode, memory_budget, with_inputs=inputs is None)
-    if labels is None:
-        labels = torch.from_numpy(split.labels())
-    elif len(labels) != split.rows:
-        raise CacheError(f"{len(labels)} labels but {split.rows} cached rows")
-    if chosen == "memory":
-        if inputs is None:
-            if not split.has_inputs:
-                raise CacheError("this cache has no stored inputs; pass the training data")
-            inputs = torch.from_numpy(split.inputs())
-        soft = torch.from_numpy(split.soft_labels(view=None))
-        return MemoryLoader(inputs, soft, labels, batch_size=batch_size, shuffle_seed=shuffle_seed, device=device,
-                            replay=replay)
-    return StreamLoader(cache, inputs=inputs, labels=labels, batch_size=batch_size, shuffle_seed=shuffle_seed,
-                        buffer_chunks=buffer_chunks, device=device, workers=workers, start_method=start_method,
-                        replay=replay)

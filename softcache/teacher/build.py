@@ -12,7 +12,7 @@ import functools
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,11 +22,12 @@ from torch.utils.data import Dataset
 
 from softcache._version import __version__
 
+from softcache.cache import layout, store
 from softcache.cache import shards as distributed
-
-from softcache.cache import store
-from softcache.augment import resolve_views, view_blocks
+from softcache.teacher.workers import WorkerGroup
+from softcache.views import resolve_views, view_blocks
 from softcache.data import batches, describe, load_dataset
+from softcache.config import BuildConfig, with_options
 from softcache.errors import CacheError, UsageError
 from softcache.cache.manifest import (
     BuildStatus,
@@ -44,79 +45,20 @@ from softcache.cache.manifest import (
 )
 from softcache.cache.location import Location, record_location, record_value
 from softcache.progress import Progress
-from softcache.spec import Trust, load_model, num_parameters, probe_model, resolve_device, weights_digest
-from softcache.cache.writer import ChunkWriter
+from softcache.cache.trust import Trust
+from softcache.weights import load_model, num_parameters, probe_model, resolve_device, weights_digest
+from softcache.cache.writer import ChunkWriter, Deferred
+from softcache.teacher.label import RowBlock, label_block, stored_arrays, teacher_logits  # noqa: F401 (label_block: the bench's)
 
-DEFAULT_CHUNK_ROWS = 4096
-
-
-def parse_storage(text: str, dtype: str = "float16") -> StorageInfo:
-    """``full`` | ``topk:K`` | ``sample:K`` from the CLI."""
-    mode, _, k = text.partition(":")
-    if mode == "full" and not k:
-        return StorageInfo(mode="full", dtype=dtype)  # type: ignore[arg-type]
-    if mode in ("topk", "sample"):
-        raise UsageError(f"storage mode {mode!r} is reserved in the format but not supported by this build; use 'full'")
-    raise UsageError(f"storage must be 'full', 'topk:K' or 'sample:K', not {text!r}")
+def storage_info(storage: str, dtype: str) -> StorageInfo:
+    """A ``storage`` option (checked by ``BuildOptions``: only ``full`` is supported) as the
+    manifest records it."""
+    mode, _, k = storage.partition(":")
+    return StorageInfo(mode=mode, k=int(k) if k else None, dtype=dtype)  # type: ignore[arg-type]
 
 
 def teacher_info(teacher: nn.Module, spec: Spec | None) -> TeacherInfo:
     return TeacherInfo(spec=spec, num_parameters=num_parameters(teacher), weights_digest=weights_digest(teacher))
-
-
-def teacher_stats(logits: torch.Tensor) -> dict[str, np.ndarray]:
-    """Confidence statistics at T=1 (the teacher's own calibration), computed in float32."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    p = logp.exp()
-    top2 = p.topk(min(2, p.shape[-1]), dim=-1).values
-    margin = top2[..., 0] - top2[..., 1] if top2.shape[-1] > 1 else top2[..., 0]
-    return {
-        "stats/max_prob": top2[..., 0].numpy(),
-        "stats/entropy": (-(p * logp).nan_to_num().sum(-1)).numpy(),
-        "stats/margin": margin.numpy(),
-        "stats/prediction": p.argmax(-1).to(torch.int32).numpy(),
-    }
-
-
-def check_finite(logits: torch.Tensor, first_row: int) -> None:
-    bad = (~torch.isfinite(logits)).flatten(1).any(dim=1).nonzero().flatten()
-    if len(bad):
-        rows = [first_row + int(i) for i in bad[:10]]
-        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
-        raise CacheError(f"teacher produced NaN/Inf logits for rows {rows}{more}; nothing was marked complete")
-
-
-@dataclass
-class RowBlock:
-    """What a producer hands the build for consecutive rows: inputs, labels, sample ids,
-    and optional view parameters ``(n, V, P)`` and views already applied ``(n, V, ...)``."""
-
-    inputs: torch.Tensor
-    labels: torch.Tensor
-    sample_index: np.ndarray
-    views: torch.Tensor | None = None
-    view_params: np.ndarray | None = None
-    extra: dict[str, np.ndarray] = field(default_factory=dict)
-
-
-@torch.no_grad()
-def label_block(teacher: nn.Module, block: RowBlock, first_row: int, temperature: float, dtype: str, device: torch.device) -> dict[str, np.ndarray]:
-    """Run the teacher on every view of a block and return the arrays to store for it."""
-    views = block.views if block.views is not None else block.inputs.unsqueeze(1)
-    n, v = views.shape[:2]
-    logits = teacher(views.reshape(n * v, *views.shape[2:]).to(device)).float().cpu()
-    check_finite(logits.reshape(n, -1), first_row)
-    logits = logits.reshape(n, v, -1)
-    out = {
-        store.SOFT: (logits / temperature).numpy().astype(dtype),
-        store.INDEX: block.sample_index.astype(np.int64),
-        store.LABELS: block.labels.to(torch.int64).numpy(),
-    }
-    out.update({k: a.reshape(n, v) for k, a in teacher_stats(logits.reshape(n * v, -1)).items()})
-    if block.view_params is not None:
-        out[store.VIEW_PARAMS] = block.view_params.astype(np.float32)
-    out.update(block.extra)
-    return out
 
 
 shard_ranges = distributed.shard_ranges
@@ -132,7 +74,7 @@ def dataset_blocks(dataset: Dataset, rows: range, batch_size: int) -> Iterator[R
 def block_source(dataset: Dataset, batch_size: int, aug: Any | None = None,
                  views: ViewInfo | None = None) -> Callable[[range], Iterator[RowBlock]]:
     """``rows -> RowBlocks`` of ``dataset``; with a replayable augmentation every block also
-    carries its ``views.count`` views and their stored parameters (see ``augment.view_blocks``)."""
+    carries its ``views.count`` views and their stored parameters (see ``views.view_blocks``)."""
     if aug is None or views is None:
         return lambda rows: dataset_blocks(dataset, rows, batch_size)
     shape = tuple(next(batches(dataset, range(1), 1))[0].shape[1:])
@@ -242,14 +184,14 @@ def write_split(
     if writer is None:
         writer = split_writer(group, manifest)
     writer.begin(rows, on_done)
-    store_inputs = store.INPUTS in group
+    store_inputs = layout.INPUTS in group
     row = rows.start
     try:
         for block in blocks:
-            arrays = label_block(teacher, block, row, manifest.temperature, manifest.storage.dtype, device)
-            if store_inputs:  # the raw inputs; augmented views are re-created from them and view_params
-                arrays[store.INPUTS] = block.inputs.to(torch.float32).numpy()
-            writer.append(arrays)
+            logits = teacher_logits(teacher, block, device)
+            # everything after the teacher runs in the writer thread, beside the next teacher call
+            writer.append(Deferred(len(block.inputs), functools.partial(
+                stored_arrays, logits, block, row, manifest, store_inputs)))
             row += len(block.inputs)
             progress.update(len(block.inputs))
     except BaseException:
@@ -276,27 +218,19 @@ def build(
     teacher: str | Spec | nn.Module,
     data: str | Spec | Dataset,
     out: str,
+    config: BuildConfig | None = None,
     *,
     eval_data: str | Spec | Dataset | None = None,
-    temperature: float = 4.0,
-    storage: str | StorageInfo = "full",
-    dtype: str = "float16",
-    batch_size: int = 256,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
-    shard_chunks: int = 1,
-    store_inputs: bool = False,
-    device: str | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    views: int = 1,
-    augment: str | Spec | None = None,
-    view_seed: int = 0,
-    shard: str | distributed.ShardSpec | None = None,
-    resume: bool = False,
     teacher_arch: str | Spec | None = None,
     trust: Trust | None = None,
+    progress: bool = True,
+    **options: Any,
 ) -> store.Cache:
     """Label ``data`` (and ``eval_data``) with the teacher and write a complete cache at ``out``.
+
+    How the cache is written is a :class:`~softcache.config.BuildConfig` (temperature, dtype,
+    chunk rows, views, shard, resume, ...): pass one as ``config``, or its fields as keyword
+    ``options`` (laid over ``config``); an unknown or invalid option is a one-line UsageError.
 
     With ``augment`` (a replayable augmentation SPEC) the teacher labels ``views`` views of every
     sample, drawn with ``view_seed``, and the cache stores each view's parameters so stage 2
@@ -305,11 +239,8 @@ def build(
     A ``.safetensors`` teacher is rebuilt from the architecture its metadata records only when
     that is on softcache's allowlist or in a module the user trusts (``trust``, default
     ``Trust.from_user()``); ``teacher_arch`` names the architecture instead."""
-    if dtype not in ("float16", "float32"):
-        raise UsageError(f"dtype must be float16 or float32, not {dtype!r}")
-    if batch_size < 1:
-        raise UsageError("batch size must be at least 1")
-    dev = resolve_device(device)
+    cfg = with_options(BuildConfig, config, options, "build")
+    dev = resolve_device(cfg.device)
     teacher_spec = None if isinstance(teacher, nn.Module) else Spec.parse(teacher)
     model = teacher if isinstance(teacher, nn.Module) else \
         load_model(teacher_spec, trust=trust, arch=teacher_arch)  # type: ignore[arg-type]
@@ -322,9 +253,7 @@ def build(
     probe = probe_model(model, probe_x, dev)
     if probe.ndim != 2:
         raise UsageError(f"teacher output has shape {tuple(probe.shape)}; expected (batch, classes)")
-    storage_info = storage if isinstance(storage, StorageInfo) else parse_storage(storage, dtype)
-    storage_info.dtype = dtype  # type: ignore[assignment]
-    aug, view_info = resolve_views(augment, views, view_seed, len(dataset),  # type: ignore[arg-type]
+    aug, view_info = resolve_views(cfg.augment, cfg.views, cfg.view_seed or 0, len(dataset),  # type: ignore[arg-type]
                                    shape=tuple(probe_x.shape[1:]))
     manifest = make_manifest(
         teacher_info(model, teacher_spec),
@@ -332,17 +261,18 @@ def build(
         int(probe.shape[1]),
         getattr(dataset, "classes", None),
         list(probe_x.shape[1:]),
-        temperature=temperature,
-        storage=storage_info,
+        temperature=cfg.temperature,
+        storage=storage_info(cfg.storage, cfg.dtype),
         views=view_info,
-        chunk_rows=chunk_rows,
-        shard_chunks=shard_chunks,
+        chunk_rows=cfg.chunk_rows,
+        shard_chunks=cfg.shard_chunks,
         eval_source=describe(eval_set, eval_spec) if eval_set is not None else None,
     )
-    plan = BuildPlan(manifest=manifest, store_inputs=store_inputs)
+    plan = BuildPlan(manifest=manifest, store_inputs=cfg.store_inputs)
+    batch_size = cfg.batch_size
     return run_build(out, model, plan, block_source(dataset, batch_size, aug, view_info),
                      (lambda rows: dataset_blocks(eval_set, rows, batch_size)) if eval_set is not None else None,
-                     device=dev, overwrite=overwrite, progress=progress, shard=shard, resume=resume)
+                     device=dev, overwrite=cfg.overwrite, progress=progress, shard=cfg.shard, resume=cfg.resume)
 
 
 def run_build(
@@ -366,22 +296,20 @@ def run_build(
     have shards to do; ``cache.build_report`` says what this worker did.
     """
     start = time.perf_counter()
-    target = Location.of(out)
-    out = target.zarr_url  # file:// URLs are written as the local paths they name
+    target = Location.of(out).native()  # file:// URLs are written as the local paths they name
     manifest = plan.manifest = recorded_manifest(plan.manifest, target)
     me = distributed.resolve_shard(shard)
     with_eval = eval_blocks is not None and manifest.eval is not None
-    arrays = {"train": store.split_arrays(manifest, manifest.layout.rows, store_inputs=plan.store_inputs)}
+    arrays = {"train": layout.split_arrays(manifest, manifest.layout.rows, store_inputs=plan.store_inputs)}
     if with_eval and manifest.eval is not None:
         eval_inputs = plan.store_inputs if plan.eval_inputs is None else plan.eval_inputs
-        arrays["eval"] = store.split_arrays(manifest, manifest.eval.rows, store_inputs=eval_inputs, eval_split=True)
-    with distributed.WorkerGroup(me) as workers:
-        state = workers.first(
-            lambda: distributed.open_target(out, manifest, arrays, overwrite=overwrite, resume=resume,
+        arrays["eval"] = layout.split_arrays(manifest, manifest.eval.rows, store_inputs=eval_inputs, eval_split=True)
+    with WorkerGroup(me) as workers:
+        state, group = workers.first(
+            lambda: distributed.open_target(target, manifest, arrays, overwrite=overwrite, resume=resume,
                                             joining=me.source == "shard"),
-            then=lambda: distributed.open_target(out, manifest, arrays, overwrite=False, resume=resume, joining=True),
+            then=lambda: distributed.open_target(target, manifest, arrays, overwrite=False, resume=resume, joining=True),
         )
-    group = store.open_group(out, "r+")
     units = distributed.work_units(manifest, with_eval)
     mine = distributed.assigned(units, me)
     todo = [] if state == "complete" else distributed.pending(group, mine)
@@ -402,8 +330,8 @@ def run_build(
         for writer in writers.values():
             writer.abort()
         raise
-    complete = distributed.finalize_if_done(out)
-    cache = store.open_cache(out, allow_incomplete=True)
-    cache.build_report = distributed.build_report(out, me, state, mine, todo, complete, time.perf_counter() - start,
+    complete = distributed.finalize_if_done(target, group)
+    cache = store.open_cache(target, allow_incomplete=True)
+    cache.build_report = distributed.build_report(target, me, state, mine, todo, complete, time.perf_counter() - start,
                                                   len(units))
     return cache

@@ -32,6 +32,7 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,15 +41,14 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from softcache.cache import store
-from softcache.augment import resolve_views
-from softcache.teacher.build import DEFAULT_CHUNK_ROWS, BuildPlan, block_source, make_manifest, parse_storage, run_build, teacher_info
-from softcache.config import SynthConfig
-from softcache.data import describe, load_dataset
-from softcache.digits import LabelledTensors
+from softcache.views import resolve_views
+from softcache.teacher.build import BuildPlan, block_source, make_manifest, run_build, storage_info, teacher_info
+from softcache.config import SynthCacheOptions, SynthConfig, with_options
+from softcache.data import LabelledTensors, describe, load_dataset
 from softcache.errors import UsageError
 from softcache.cache.manifest import Spec, SynthesisSource
 from softcache.progress import Progress
-from softcache.spec import load_model, probe_model, resolve_device
+from softcache.weights import load_model, probe_model, resolve_device
 
 NO_BATCHNORM_WARNING = (
     "teacher has no BatchNorm layers: synthesis falls back to class targets, image priors and diversity only "
@@ -237,40 +237,39 @@ def synthesize_inputs(teacher: nn.Module, num_samples: int, shape: Sequence[int]
 def synthesize(
     teacher: str | Spec | nn.Module,
     out: str,
+    config: SynthConfig | None = None,
     *,
     samples: int | None = None,
     input_shape: Sequence[int] | None = None,
-    config: SynthConfig | None = None,
     seed: int = 0,
-    temperature: float = 8.0,
-    dtype: str = "float16",
-    views: int = 1,
-    augment: str | Spec | None = None,
-    view_seed: int | None = None,
     eval_data: str | Spec | Dataset | None = None,
     reuse_inputs: str | None = None,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
-    device: str | None = None,
-    overwrite: bool = False,
     skip_existing: bool = False,
     progress: bool = True,
+    **options: Any,
 ) -> Synthesized:
     """Synthesize ``samples`` inputs from the teacher and write a data-free cache at ``out``.
+
+    ``config`` says how the inputs are made (:class:`~softcache.config.SynthConfig`); keyword
+    ``options`` say how the cache is written, the fields ``build`` shares
+    (:class:`~softcache.config.SynthCacheOptions`: temperature, dtype, chunk rows, views,
+    augment, view seed, device, overwrite); an unknown or invalid one is a one-line UsageError.
 
     Inputs are stored (stage 2 reads them; no dataset is needed). Labels hold the class each
     input was optimised for (for ``noise``, the teacher's own prediction); ``eval_data``, when
     given, is a real held-out set whose teacher outputs (not its inputs) go to the ``eval``
     split so students report agreement. With ``views`` > 1 and ``augment``, the teacher labels
     that many replayable views of every synthesized input (drawn with ``view_seed``, default
-    ``seed``). The default T=8: synthetic inputs give confident logits, and a higher temperature
-    keeps their dark knowledge visible.
+    ``seed``). The default T is higher than ``build``'s: synthetic inputs give confident logits,
+    and a higher temperature keeps their dark knowledge visible.
 
     ``reuse_inputs`` names an earlier synthesized cache of the same teacher: its inputs and
     synthesis record are relabelled (other views, temperature or eval set) without paying for
     the synthesis again. With ``skip_existing``, a complete cache at ``out`` with the cache key
     this call would produce is returned as it is (pipelines rerun without synthesizing again).
     """
-    dev = resolve_device(device)
+    opts = with_options(SynthCacheOptions, None, options, "synthesize")
+    dev = resolve_device(opts.device)
     teacher_spec = None if isinstance(teacher, nn.Module) else Spec.parse(teacher)
     model = teacher if isinstance(teacher, nn.Module) else load_model(teacher_spec)  # type: ignore[arg-type]
     model = model.to(dev).eval()
@@ -295,12 +294,13 @@ def synthesize(
     if probe.ndim != 2:
         raise UsageError(f"teacher output has shape {tuple(probe.shape)}; expected (batch, classes)")
     num_classes = int(probe.shape[1])
-    aug, view = resolve_views(augment, views, seed if view_seed is None else view_seed, source.num_samples,
-                              shape=shape)
+    aug, view = resolve_views(opts.augment, opts.views, seed if opts.view_seed is None else opts.view_seed,
+                              source.num_samples, shape=shape)
     manifest = make_manifest(  # everything the cache key needs is known before any synthesis
         teacher_info(model, teacher_spec), source, num_classes, None, shape,
-        temperature=temperature, storage=parse_storage("full", dtype), views=view, chunk_rows=chunk_rows,
-        shard_chunks=1, eval_source=describe(eval_set, eval_spec) if eval_set is not None else None,
+        temperature=opts.temperature, storage=storage_info("full", opts.dtype), views=view,
+        chunk_rows=opts.chunk_rows, shard_chunks=1,
+        eval_source=describe(eval_set, eval_spec) if eval_set is not None else None,
     )
     fallback = "fallback" in source.params
     if skip_existing:
@@ -309,7 +309,7 @@ def synthesize(
             cache = store.open_cache(out)
             stored, stored_labels = torch.from_numpy(cache.train.inputs()), torch.from_numpy(cache.train.labels())
             return Synthesized(cache, 0.0, _target_rate(model, stored, stored_labels, dev), fallback, skipped=True)
-    store.prepare_target(out, overwrite=overwrite)  # fail before minutes of synthesis, not after
+    store.prepare_target(out, overwrite=opts.overwrite)  # fail before minutes of synthesis, not after
     seconds = 0.0
     if inputs is None:
         start = time.perf_counter()
@@ -323,7 +323,7 @@ def synthesize(
     train_blocks = block_source(dataset, batch_size, aug, view)
     eval_blocks = block_source(eval_set, 1024) if eval_set is not None else None
     cache = run_build(out, model, BuildPlan(manifest=manifest, store_inputs=True, eval_inputs=False), train_blocks,
-                      eval_blocks, device=dev, overwrite=overwrite, progress=progress)
+                      eval_blocks, device=dev, overwrite=opts.overwrite, progress=progress)
     return Synthesized(cache, seconds, _target_rate(model, inputs, labels, dev), fallback)
 
 

@@ -1,0 +1,117 @@
+"""Stage 2 peak memory per loader mode, each mode measured in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from softcache._bench.workload import MLP, Workload, tiled_digits
+from softcache.cache import store
+from softcache.cache.store import open_cache
+from softcache.config import StudentConfig
+from softcache.student.loaders import open_loader
+from softcache.student.run import cached_soft, fit, make_run
+from softcache.student.stream import StreamLoader
+from softcache.teacher.build import build
+
+WIDE_CLASSES = 1000
+PEAK_CHILD = """
+import json, torch
+torch.set_num_threads({threads})
+from softcache._bench.memory import peak_child
+print(json.dumps(peak_child({url!r}, {mode!r}, {batch_size})))
+"""
+
+
+def current_rss_mb() -> float:
+    """Resident memory now (Linux ``/proc``; elsewhere the peak so far, the best available)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_child(url: str, mode: str, batch_size: int) -> dict[str, float | None]:
+    """Run in a fresh process: load and train one student for one epoch while a thread samples
+    the resident memory every 2 ms; report the highest sample above the level before loading, and
+    the peak of live array bytes."""
+    import threading
+    import tracemalloc
+
+    cache = open_cache(url)
+    inputs = tiled_digits(cache.train.rows).inputs
+    run = make_run(StudentConfig(spec=f"{MLP},num_classes={cache.num_classes}"), cache.num_classes, inputs[:2],
+                   torch.device("cpu"))
+    warm = torch.optim.Adam(run.model.parameters())  # let torch's allocator and kernels settle first
+    for _ in range(3):
+        warm.zero_grad()
+        run.model(inputs[:batch_size]).logsumexp(-1).mean().backward()
+    warm.zero_grad()
+    before = current_rss_mb()
+    peak, done = [before], threading.Event()
+    tracemalloc.start()  # numpy reports its array buffers to tracemalloc: the live bytes, not what malloc keeps
+
+    def sample() -> None:
+        while not done.wait(0.002):
+            peak[0] = max(peak[0], current_rss_mb())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    loader = open_loader(cache, inputs=inputs, batch_size=batch_size, mode=mode)  # type: ignore[arg-type]
+    fit([run], loader, 1, cached_soft, cache.temperature)
+    bound = loader.memory_bound() if isinstance(loader, StreamLoader) else None
+    if isinstance(loader, StreamLoader):
+        loader.close()
+    arrays_peak = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
+    done.set()
+    sampler.join()
+    peak[0] = max(peak[0], current_rss_mb())
+    return {"before_mb": before, "peak_mb": peak[0], "arrays_peak_mb": arrays_peak,
+            "stream_bound_mb": bound / 2**20 if bound else None}
+
+
+def measure_memory(w: Workload) -> dict[str, Any]:
+    """Stage 2 peak memory per loader mode, on a 1000-class cache where soft labels dominate;
+    each mode in a fresh process, since peak RSS is per process."""
+    s = w.settings
+    url = str(w.workdir / "wide.zarr")
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, WIDE_CLASSES))
+    cache = build(teacher, tiled_digits(s.wide_rows), url, chunk_rows=s.chunk_rows, batch_size=1024, device="cpu",
+                  overwrite=True, progress=False)
+    soft = cache.train.array(store.SOFT)
+    out: dict[str, Any] = {"rows": s.wide_rows, "classes": WIDE_CLASSES,
+                           "stored_mb": int(np.prod(soft.shape)) * soft.dtype.itemsize / 2**20,
+                           "float32_in_ram_mb": int(np.prod(soft.shape)) * 4 / 2**20}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    for mode in ("memory", "stream"):
+        if s.isolate_memory:
+            code = PEAK_CHILD.format(threads=torch.get_num_threads(), url=url, mode=mode, batch_size=256)
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+            if proc.returncode != 0:
+                raise RuntimeError(f"peak-memory child failed: {proc.stderr.strip().splitlines()[-1:]}")
+            child = json.loads(proc.stdout.strip().splitlines()[-1])
+        else:
+            child = peak_child(url, mode, 256)
+        out[mode] = {"peak_mb": child["peak_mb"], "added_mb": child["peak_mb"] - child["before_mb"],
+                     "arrays_peak_mb": child["arrays_peak_mb"]}
+        if child["stream_bound_mb"] is not None:
+            out["stream_bound_mb"] = child["stream_bound_mb"]
+    return out
+
+
+# -- the whole benchmark ---------------------------------------------------------------------

@@ -1,0 +1,189 @@
+"""The benchmark at the size users run: 1,000 classes, a real student, the whole public call.
+
+The digits figures measure softcache's machinery where it is cheapest to see (10 classes, ~2k
+parameter students); this section measures what a user pays through ``softcache.train()`` and
+``softcache.build()`` against the plain PyTorch a user would otherwise write, included here
+(:func:`hand_written`): an in-RAM fp16 tensor of the same cached logits, the same loss, Adam,
+batch 256. Setup: random inputs of 256 features; a teacher MLP 256-2048-2048-1000 (random
+weights: timings do not depend on them); student MLP 256-256-1000; one torch thread. Every
+ratio is the median of per-round ratios of alternated runs (:mod:`softcache._bench.timing`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from softcache._bench.timing import alternate, median, ratio, timer
+from softcache._bench.workload import WideSettings, students
+from softcache.cache.store import Cache
+from softcache.config import StudentConfig, TrainConfig
+from softcache.data import LabelledTensors
+from softcache.models import mlp
+from softcache.student.train import train
+from softcache.teacher.build import build
+
+
+@dataclass
+class WideWorkload:
+    settings: WideSettings
+    dataset: LabelledTensors
+    teacher: nn.Module
+    cache: Cache
+    soft16: torch.Tensor  # (N, C) the cached z / T_cache as an fp16 tensor: what a hand-written loop holds
+    workdir: Path
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def make_wide(s: WideSettings, workdir: Path) -> WideWorkload:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(s.rows, s.features, generator=gen)
+    y = torch.randint(0, s.classes, (s.rows,), generator=gen)
+    dataset = LabelledTensors(x, y, None, {"name": "random features for softcache bench", "rows": s.rows})
+    torch.manual_seed(0)
+    teacher = mlp(hidden=s.teacher_hidden, num_classes=s.classes, in_features=s.features, depth=2).eval()
+    cache = build(teacher, dataset, str(workdir / "wide.zarr"), chunk_rows=4096, batch_size=s.batch_size,
+                  device="cpu", overwrite=True, progress=False)
+    soft16 = torch.from_numpy(cache.train.soft_labels()).half()
+    return WideWorkload(s, dataset, teacher, cache, soft16, workdir)
+
+
+def hand_written(w: WideWorkload, cfg: StudentConfig, epochs: int, teacher: nn.Module | None = None) -> float:
+    """The loop a user writes without softcache; returns its seconds (building the model
+    excluded, as in ``train()``'s own ``train`` figure it is not)."""
+    s, x, y = w.settings, w.dataset.inputs, w.dataset.labels
+    torch.manual_seed(cfg.seed)
+    model = mlp(hidden=s.student_hidden, num_classes=s.classes, in_features=s.features)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    t, a, scale = cfg.temperature, cfg.alpha, w.cache.temperature / cfg.temperature
+    elapsed = timer()
+    for _ in range(epochs):
+        order = torch.randperm(len(x))
+        for i in range(0, len(x), s.batch_size):
+            idx = order[i : i + s.batch_size]
+            xb, yb = x[idx], y[idx]
+            if teacher is None:
+                target = w.soft16[idx].float() * scale
+            else:
+                with torch.no_grad():
+                    target = teacher(xb) / cfg.temperature
+            loss = kd_loss(model(xb), target, yb, t, a)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return elapsed()
+
+
+def kd_loss(logits: torch.Tensor, target: torch.Tensor, labels: torch.Tensor, t: float, a: float) -> torch.Tensor:
+    """Knowledge distillation as a user writes it (``target`` is the teacher's logits / T)."""
+    loss = logits.new_zeros(())
+    if a > 0:
+        kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(target, -1), reduction="batchmean", log_target=True)
+        loss = loss + a * t * t * kl
+    if a < 1:
+        loss = loss + (1 - a) * F.cross_entropy(logits, labels)
+    return loss
+
+
+def softcache_train(w: WideWorkload, configs: Sequence[StudentConfig], epochs: int, loader: str,
+                    seconds: list[dict[str, float]] | None = None) -> float:
+    """The whole public call, as a user makes it (the data given, so it is fingerprinted)."""
+    elapsed = timer()
+    result = train(w.cache, list(configs), data=w.dataset, progress=False,
+                   config=TrainConfig(epochs=epochs, batch_size=w.settings.batch_size, loader=loader))
+    total = elapsed()
+    if seconds is not None:
+        seconds.append(result.seconds)
+    return total
+
+
+def measure_wide(s: WideSettings, workdir: Path) -> dict[str, Any]:
+    """Every 1,000-class figure; see the module docstring."""
+    with one_thread():
+        w = make_wide(s, workdir)
+        cfg = StudentConfig(spec=s.student_spec())
+        parts: list[dict[str, float]] = []
+        single = alternate({
+            "memory": lambda: softcache_train(w, [cfg], s.epochs, "memory", parts),
+            "stream": lambda: softcache_train(w, [cfg], s.epochs, "stream"),
+            "hand": lambda: hand_written(w, cfg, s.epochs),
+        }, s.repeats)
+        sweep = students(s.students, s.student_spec())
+        group = alternate({
+            "grouped": lambda: softcache_train(w, sweep, s.group_epochs, "memory"),
+            "separate": lambda: sum(hand_written(w, c, s.group_epochs) for c in sweep),
+        }, s.repeats)
+        online = alternate({
+            "cached": lambda: softcache_train(w, [cfg], 1, "memory"),
+            "online": lambda: hand_written(w, cfg, 1, teacher=w.teacher),
+            "teacher": lambda: teacher_alone(w, len(w.dataset.inputs)),
+        }, s.repeats)
+        stage1 = alternate({"build": lambda: whole_build(w), "teacher": lambda: teacher_alone(w, s.build_rows)},
+                           s.repeats)
+    ideal = median([(c + t) / c for c, t in zip(online["cached"], online["teacher"])])
+    online_ratio = ratio(online, "online", "cached")
+    return {
+        "settings": s.describe(),
+        "train_memory_vs_hand_written": ratio(single, "memory", "hand"),
+        "train_stream_vs_hand_written": ratio(single, "stream", "hand"),
+        "train_seconds_by_part": {k: median([p[k] for p in parts]) for k in parts[0]} if parts else {},
+        "group_vs_separate_speedup": ratio(group, "separate", "grouped"),
+        "build_vs_teacher": ratio(stage1, "build", "teacher"),
+        "online_vs_cached_train": online_ratio,
+        "online_vs_cached_ideal": ideal,
+        "online_fraction_of_ideal": online_ratio / ideal,
+        "seconds": {k: median(v) for k, v in {**single, **group, **{f"online_{k}": v for k, v in online.items()},
+                                              **{f"stage1_{k}": v for k, v in stage1.items()}}.items()},
+    }
+
+
+@torch.no_grad()
+def teacher_alone(w: WideWorkload, rows: int) -> float:
+    x, bs = w.dataset.inputs[:rows], w.settings.batch_size
+    elapsed = timer()
+    for i in range(0, rows, bs):
+        w.teacher(x[i : i + bs])
+    return elapsed()
+
+
+def whole_build(w: WideWorkload) -> float:
+    n = w.settings.build_rows
+    subset = LabelledTensors(w.dataset.inputs[:n], w.dataset.labels[:n], None, {"rows": n})
+    elapsed = timer()
+    build(w.teacher, subset, str(w.workdir / "wide-build.zarr"), chunk_rows=4096, batch_size=w.settings.batch_size,
+          device="cpu", overwrite=True, progress=False)
+    return elapsed()
+
+
+def format_wide(r: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The section's rows for the printed table, beside the digits figures."""
+    s = r["settings"]
+    size = f"{s['classes']} classes, {s['rows']} rows"
+    return [
+        (f"[{size}] train() {s['epochs']} epochs, memory loader / hand-written loop",
+         f"{r['train_memory_vs_hand_written']:.2f}", "target <= 1.05"),
+        (f"[{size}] train() {s['epochs']} epochs, stream loader / hand-written loop",
+         f"{r['train_stream_vs_hand_written']:.2f}", "target <= 1.10"),
+        (f"[{size}] {s['students']} hand-written runs / one grouped train()", f"{r['group_vs_separate_speedup']:.2f}x",
+         "target >= 1.0"),
+        (f"[{size}] build() / teacher forward alone ({s['build_rows']} rows)", f"{r['build_vs_teacher']:.2f}",
+         "target <= 1.03"),
+        (f"[{size}] online KD (hand-written) / cached train()", f"{r['online_vs_cached_train']:.2f}",
+         f"ideal {r['online_vs_cached_ideal']:.2f}, {r['online_fraction_of_ideal']:.2f} of ideal (target >= 0.95)"),
+    ]

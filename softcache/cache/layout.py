@@ -1,0 +1,201 @@
+"""What arrays a cache has: their names, dtypes, shapes and chunking, derived from the manifest.
+
+Layout of a cache (format version 1)::
+
+    cache.zarr/                       root group, attribute "softcache" = manifest
+      soft_labels   (N, V, C)         teacher logits / T, float16 or float32, chunks (R, V, C)
+      sample_index  (N,)    int64     row -> sample in the source dataset
+      labels        (N,)    int64     true label, -1 when unknown
+      inputs        (N, *shape) f32   stored inputs (data-free caches, or on request)
+      view_params   (N, V, P)   f32   per-view augmentation parameters (replayable views)
+      stats/{max_prob,entropy,margin} (N, V) f32, stats/prediction (N, V) int32
+      shard_done    (S,)    uint8     one chunk per shard, so shards never share a chunk
+      eval/                           optional held-out split: same arrays, one clean view, no
+                                      view_params; its own shard_done (E,) for its shards
+
+Every array shares the row chunking R (``layout.chunk_rows``), and a build writes whole chunks
+only (zarr rewrites a chunk on a partial write). Shards (``layout.shard_rows`` rows, whole
+chunks) are the units of a build; a shard's flag is set only after all its chunks are stored
+(see ``shards``). No compression: float logits barely compress and decoding costs more than the
+bytes saved. Every chunk ends with a crc32c checksum (Zarr v3's ``crc32c`` codec).
+
+This module names, sizes and encodes the arrays: the writer (``store``) creates exactly these,
+the checker (``check``) compares a store with exactly these, and the reader (``guard``) decodes
+only what :func:`array_format` accepts, so the three can never disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from softcache.cache.manifest import Manifest
+
+SOFT = "soft_labels"
+INDEX = "sample_index"
+LABELS = "labels"
+INPUTS = "inputs"
+VIEW_PARAMS = "view_params"
+PREDICTION = "stats/prediction"
+STATS = ("stats/max_prob", "stats/entropy", "stats/margin", PREDICTION)
+SHARD_DONE = "shard_done"
+EVAL = "eval"
+"""The subgroup of the held-out split."""
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array as the manifest implies it."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    chunks: tuple[int, ...]
+
+
+def split_arrays(manifest: Manifest, rows: int, *, store_inputs: bool, with_labels: bool = True,
+                 eval_split: bool = False) -> dict[str, ArraySpec]:
+    """The arrays of one split (root or eval), all chunked by ``layout.chunk_rows`` rows.
+
+    The eval split always holds one view, the clean input: it measures agreement on held-out
+    data as the student will see it, whatever views the training rows were labelled through."""
+    lay, views = manifest.layout, (1 if eval_split else manifest.views.count)
+    r = max(1, min(lay.chunk_rows, rows)) if rows else lay.chunk_rows
+    width = manifest.classes.count if manifest.storage.mode == "full" else int(manifest.storage.k or 0)
+    specs = {
+        SOFT: ArraySpec((rows, views, width), manifest.storage.dtype, (r, views, width)),
+        INDEX: ArraySpec((rows,), "int64", (r,)),
+    }
+    if with_labels:
+        specs[LABELS] = ArraySpec((rows,), "int64", (r,))
+    for name in STATS:
+        specs[name] = ArraySpec((rows, views), "int32" if name.endswith("prediction") else "float32", (r, views))
+    if store_inputs:
+        shape = tuple(lay.input_shape)
+        specs[INPUTS] = ArraySpec((rows, *shape), "float32", (r, *shape))
+    if manifest.views.param_names and not eval_split:
+        p = len(manifest.views.param_names)
+        specs[VIEW_PARAMS] = ArraySpec((rows, views, p), "float32", (r, views, p))
+    return specs
+
+
+def flag_spec(manifest: Manifest, rows: int) -> ArraySpec:
+    """A split's ``shard_done``: one uint8 per shard of ``layout.shard_rows`` rows, each its own
+    chunk, so workers never write the same chunk."""
+    return ArraySpec((-(-rows // manifest.layout.shard_rows),), "uint8", (1,))
+
+
+def split_prefix(path: str) -> str:
+    """``"eval/"`` for an array of the eval split, ``""`` for one of the training rows."""
+    return f"{EVAL}/" if path.startswith(f"{EVAL}/") else ""
+
+
+def is_flag(path: str) -> bool:
+    """True for a split's ``shard_done`` array: the one array whose chunks may be absent (a flag
+    never written means "not done")."""
+    return path.rsplit("/", 1)[-1] == SHARD_DONE
+
+
+# -- the encoding an array of the format may declare -------------------------------------------
+
+
+MAX_CHUNKS = 1 << 24
+"""Chunks one array may declare: 16.7M chunks of the default 4096 rows is 68 billion rows."""
+MAX_CHUNK_BYTES = 1 << 31
+"""Encoded bytes one chunk may declare (2 GiB)."""
+FORMAT_DTYPES = {"float16": 2, "float32": 4, "int32": 4, "int64": 8, "uint8": 1}
+"""The dtypes softcache writes, with their item sizes."""
+CHECKSUM_BYTES = 4  # bytes the crc32c codec appends to a chunk
+
+
+@dataclass(frozen=True)
+class ArrayFormat:
+    """What an array's metadata declares, once it passed :func:`array_format`."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    chunks: tuple[int, ...]
+    checksummed: bool
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        return tuple(-(-s // c) for s, c in zip(self.shape, self.chunks))
+
+    @property
+    def nchunks(self) -> int:
+        return math.prod(self.grid)
+
+    @property
+    def chunk_bytes(self) -> int:
+        """Exact size of one stored chunk: zarr stores edge chunks at the full chunk shape."""
+        return math.prod(self.chunks) * FORMAT_DTYPES[self.dtype] + (CHECKSUM_BYTES if self.checksummed else 0)
+
+    def keys(self, path: str) -> Iterable[str]:
+        """Every chunk key of the grid, in row-major order of the chunk coordinates."""
+        for coords in np.ndindex(*self.grid):
+            yield chunk_key(path, coords)
+
+
+def chunk_key(path: str, coords: Iterable[int]) -> str:
+    """zarr's default chunk key: ``soft_labels/c/3/0/0``."""
+    return "/".join([path, "c", *(str(int(c)) for c in coords)])
+
+
+def array_format(meta: Mapping[str, Any]) -> ArrayFormat:
+    """Check one array's ``zarr.json`` (a dict) against what the format writes; ValueError says why not.
+
+    This is the only place that decides which encodings softcache reads: everything else
+    (compression, filters, sharding, other chunk keys, strings or objects) is refused because a
+    reader that decodes it can be made to allocate without bound or to misread the bytes."""
+    if meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
+        raise ValueError("not a Zarr v3 array")
+    dtype = meta.get("data_type")
+    if not isinstance(dtype, str) or dtype not in FORMAT_DTYPES:
+        raise ValueError(f"dtype {json.dumps(dtype)[:60]} is not one the format uses ({', '.join(FORMAT_DTYPES)})")
+    shape = _ints(meta.get("shape"), "shape", minimum=0)
+    grid = meta.get("chunk_grid")
+    if not isinstance(grid, Mapping) or grid.get("name") != "regular":
+        raise ValueError("chunk grid is not 'regular'")
+    chunks = _ints((grid.get("configuration") or {}).get("chunk_shape"), "chunk shape", minimum=1)
+    if len(chunks) != len(shape):
+        raise ValueError(f"chunk shape {list(chunks)} does not match shape {list(shape)}")
+    encoding = meta.get("chunk_key_encoding")
+    separator = (encoding.get("configuration") or {}).get("separator", "/") if isinstance(encoding, Mapping) else None
+    if not isinstance(encoding, Mapping) or encoding.get("name") != "default" or separator != "/":
+        raise ValueError("chunk keys are not zarr's default '/'-separated keys")
+    if meta.get("storage_transformers"):
+        raise ValueError("storage transformers are not part of the format")
+    checksummed = _codecs(meta.get("codecs"), FORMAT_DTYPES[dtype])
+    fmt = ArrayFormat(shape, dtype, chunks, checksummed)
+    if fmt.nchunks > MAX_CHUNKS:
+        raise ValueError(f"declares {fmt.nchunks} chunks, more than the {MAX_CHUNKS} an array of the format may hold")
+    if fmt.chunk_bytes > MAX_CHUNK_BYTES:
+        raise ValueError(f"declares chunks of {fmt.chunk_bytes} bytes, more than the {MAX_CHUNK_BYTES} the format allows")
+    return fmt
+
+
+def _ints(value: Any, what: str, *, minimum: int) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or not all(type(v) is int and v >= minimum for v in value):
+        raise ValueError(f"{what} is not a list of integers >= {minimum}")
+    return tuple(value)
+
+
+def _codecs(codecs: Any, itemsize: int) -> bool:
+    """``[bytes(little endian)]`` or ``[bytes(little endian), crc32c]``; True with the checksum."""
+    if not isinstance(codecs, (list, tuple)):
+        raise ValueError(f"codecs {repr(codecs)[:60]} are not a list")
+    names = [c.get("name") if isinstance(c, Mapping) else c for c in codecs]
+    if names not in (["bytes"], ["bytes", "crc32c"]):
+        shown = ", ".join(str(n)[:40] for n in names[:8])
+        raise ValueError(f"codecs [{shown}] are not the format's (bytes, optionally followed by crc32c)")
+    config = (codecs[0].get("configuration") or {}) if isinstance(codecs[0], Mapping) else {}
+    endian = config.get("endian")
+    if set(config) - {"endian"} or (endian != "little" and not (itemsize == 1 and endian is None)):
+        raise ValueError(f"bytes codec configuration {json.dumps(config)[:60]} is not little endian")
+    if len(codecs) == 2 and isinstance(codecs[1], Mapping) and codecs[1].get("configuration"):
+        raise ValueError("the crc32c codec takes no configuration")
+    return len(codecs) == 2

@@ -1,0 +1,185 @@
+"""The epoch plan of the streaming loader and the reading of chunk groups: which chunks a rank
+reads in an epoch, in which groups, and how a group is decoded (each chunk once, straight into
+one array) and shuffled. Picklable, so ``DataLoader`` workers read groups in other processes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from zarr.buffer.cpu import NDBuffer
+
+from softcache.cache import store
+from softcache.student._batch import views_of
+
+_SEED_TAG = 0x50F7CA
+
+
+def epoch_groups(num_chunks: int, *, seed: int, epoch: int, rank: int, world_size: int,
+                 buffer_chunks: int, shuffle: bool) -> list[np.ndarray]:
+    """The chunk groups rank ``rank`` reads in ``epoch``, in order (each group sorted so that
+    adjacent chunks are read together)."""
+    if shuffle:
+        order = np.random.default_rng([_SEED_TAG, seed, epoch]).permutation(num_chunks)
+    else:
+        order = np.arange(num_chunks)
+    mine = order[rank::world_size]
+    return [np.sort(mine[i : i + buffer_chunks]) for i in range(0, len(mine), buffer_chunks)]
+
+
+def chunk_runs(chunks: np.ndarray, chunk_rows: int, rows: int) -> list[tuple[int, int]]:
+    """Row ranges covering sorted ``chunks``, adjacent chunks merged into one range."""
+    runs: list[tuple[int, int]] = []
+    for c in chunks.tolist():
+        start, stop = c * chunk_rows, min((c + 1) * chunk_rows, rows)
+        if runs and runs[-1][1] == start:
+            runs[-1] = (runs[-1][0], stop)
+        else:
+            runs.append((start, stop))
+    return runs
+
+
+@dataclass
+class RowBuffer:
+    """One decoded group of chunks, rows in storage order: row ids, soft labels ``(n, C)`` in the
+    stored dtype (the view this epoch shows), stored inputs when those are streamed, and the
+    shuffled ``order`` in which the rows are served (None: storage order). Keeping the order
+    apart, instead of permuting the arrays, saves a copy of the group."""
+
+    epoch: int
+    index: int
+    rows: torch.Tensor
+    soft: torch.Tensor
+    inputs: torch.Tensor | None
+    order: torch.Tensor | None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def piece(self, start: int, stop: int) -> Piece:
+        """Served rows ``start:stop`` (positions in the shuffled order), gathered."""
+        sel: slice | torch.Tensor = slice(start, stop) if self.order is None else self.order[start:stop]
+        return Piece(self.rows[sel], self.soft[sel], self.inputs[sel] if self.inputs is not None else None)
+
+
+@dataclass
+class Piece:
+    """Rows of one batch, or of the part of a batch taken from one group."""
+
+    rows: torch.Tensor
+    soft: torch.Tensor
+    inputs: torch.Tensor | None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @staticmethod
+    def join(parts: list[Piece]) -> Piece:
+        if len(parts) == 1:
+            return parts[0]
+        inputs = torch.cat([p.inputs for p in parts]) if parts[0].inputs is not None else None  # type: ignore[misc]
+        return Piece(torch.cat([p.rows for p in parts]), torch.cat([p.soft for p in parts]), inputs)
+
+
+def read_rows(array: Any, runs: list[tuple[int, int]]) -> np.ndarray:
+    """Rows of ``runs`` of a zarr array, decoded straight into one preallocated array (zarr's
+    ``out=``), so a group costs its own size plus one chunk in flight, not two copies."""
+    total = sum(b - a for a, b in runs)
+    out = np.empty((total, *array.shape[1:]), dtype=array.dtype)
+    at = 0
+    for a, b in runs:
+        array.get_basic_selection(slice(a, b), out=NDBuffer.from_numpy_array(out[at : at + b - a]))
+        at += b - a
+    return out
+
+
+class ChunkSource:
+    """Reads chunk groups of one split. Picklable: the store is opened lazily in each process."""
+
+    def __init__(self, url: str, split: str, *, rows: int, chunk_rows: int, views: int, stream_inputs: bool,
+                 seed: int, rank: int, world_size: int, buffer_chunks: int, shuffle: bool):
+        self.url, self.split, self.rows, self.chunk_rows, self.views = url, split, rows, chunk_rows, views
+        self.stream_inputs, self.seed, self.rank, self.world_size = stream_inputs, seed, rank, world_size
+        self.buffer_chunks, self.shuffle = buffer_chunks, shuffle
+        self.num_chunks = -(-rows // chunk_rows)
+        self._arrays: tuple[Any, Any] | None = None
+        self._pid = -1
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_arrays"], state["_pid"] = None, -1
+        return state
+
+    def _open(self) -> tuple[Any, Any]:
+        if self._arrays is None or self._pid != os.getpid():
+            group = store.open_group(self.url, "r")
+            if self.split != "train":
+                group = group[self.split]
+            self._arrays = (group[store.SOFT], group[store.INPUTS] if self.stream_inputs else None)
+            self._pid = os.getpid()
+        return self._arrays
+
+    def groups(self, epoch: int, rank: int | None = None) -> list[np.ndarray]:
+        return epoch_groups(self.num_chunks, seed=self.seed, epoch=epoch, rank=self.rank if rank is None else rank,
+                            world_size=self.world_size, buffer_chunks=self.buffer_chunks, shuffle=self.shuffle)
+
+    def rank_rows(self, epoch: int, rank: int | None = None) -> int:
+        return sum(b - a for g in self.groups(epoch, rank) for a, b in chunk_runs(g, self.chunk_rows, self.rows))
+
+    def read(self, epoch: int, index: int, chunks: np.ndarray) -> RowBuffer:
+        """Decode the chunks of one group (each once), pick this epoch's view, draw the row order."""
+        soft_arr, input_arr = self._open()
+        runs = chunk_runs(chunks, self.chunk_rows, self.rows)
+        rows = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in runs])
+        soft = read_rows(soft_arr, runs)
+        soft = soft[np.arange(len(rows)), views_of(rows, epoch, self.views)] if self.views > 1 else soft[:, 0]
+        inputs = torch.from_numpy(read_rows(input_arr, runs)) if input_arr is not None else None
+        order = None
+        if self.shuffle:
+            perm = np.random.default_rng([_SEED_TAG, self.seed, epoch, self.rank, index]).permutation(len(rows))
+            order = torch.from_numpy(perm)
+        return RowBuffer(epoch, index, torch.from_numpy(rows), torch.from_numpy(soft), inputs, order)
+
+    def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """Every row, every view, in storage order, ``buffer_chunks`` chunks at a time: a pass
+        over the whole store that holds one group at a time, whatever the cache's size."""
+        soft_arr, _ = self._open()
+        step = self.buffer_chunks
+        for first in range(0, self.num_chunks, step):
+            runs = chunk_runs(np.arange(first, min(first + step, self.num_chunks)), self.chunk_rows, self.rows)
+            yield runs[0][0], read_rows(soft_arr, runs)
+
+    def empty(self, epoch: int, index: int) -> RowBuffer:
+        return RowBuffer(epoch, index, torch.zeros(0, dtype=torch.int64), torch.zeros(0), None, None)
+
+
+class BufferStream(IterableDataset):
+    """Every epoch from ``start_epoch`` on, as a stream of :class:`RowBuffer`.
+
+    In worker ``w`` of ``n`` it yields groups ``w, w + n, ...`` and pads with empty buffers so that
+    every worker yields the same number per epoch: the DataLoader's round-robin then returns the
+    groups in plan order, whatever ``n`` is.
+    """
+
+    def __init__(self, source: ChunkSource, start_epoch: int):
+        self.source, self.start_epoch = source, start_epoch
+
+    def __iter__(self) -> Iterator[RowBuffer]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch = self.start_epoch
+        while True:
+            groups = self.source.groups(epoch)
+            for j in range(-(-len(groups) // workers)):
+                index = j * workers + worker
+                if index < len(groups):
+                    yield self.source.read(epoch, index, groups[index])
+                else:
+                    yield self.source.empty(epoch, index)
+            epoch += 1

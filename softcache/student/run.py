@@ -1,0 +1,123 @@
+"""One student in training, the training pass every student of a call shares, and prediction.
+
+The pass is the one-screen loop of the library: each batch is produced once and every student
+takes a step on it, so a sweep costs one read of the cache however many students it trains.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from softcache.config import StudentConfig
+from softcache.errors import CacheError, UsageError
+from softcache.progress import Progress
+from softcache.cache.trust import Trust
+from softcache.student._batch import Batch
+from softcache.student.loaders import MemoryLoader
+from softcache.student.loss import distillation_loss, rescale
+from softcache.student.stacked import grouped
+from softcache.student.stream import StreamLoader
+from softcache.weights import load_model, probe_model
+
+SoftSource = Callable[[Batch], torch.Tensor | None]
+"""Gives the teacher's ``z / T_cache`` for a batch: read from the cache, or from a live teacher."""
+
+
+@dataclass
+class StudentRun:
+    """One student being trained: its model, optimizer and per-step loss record."""
+
+    config: StudentConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    losses: list[torch.Tensor] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def step(self, batch: Batch, soft: torch.Tensor | None, cache_temperature: float) -> None:
+        cfg = self.config
+        start = time.perf_counter()
+        self.model.train()
+        logits = self.model(batch.inputs)
+        teacher = rescale(soft, cache_temperature, cfg.temperature) if (soft is not None and cfg.alpha > 0) else None
+        loss = distillation_loss(logits, teacher, batch.labels, temperature=cfg.temperature,
+                                 alpha=cfg.alpha, label_smoothing=cfg.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.losses.append(loss.detach())
+        self.seconds += time.perf_counter() - start
+
+    def loss_history(self) -> list[float]:
+        return torch.stack(self.losses).tolist() if self.losses else []
+
+
+def build_student(config: StudentConfig, trust: Trust | None = None) -> nn.Module:
+    """The student's model, its initial weights drawn from its own seed: from its SPEC (a
+    weights-file student's recorded architecture must pass ``trust``, the modules the user
+    trusts; trusting a cache's SPECs does not extend to weights files), or by calling its model
+    function, which is the user's own code and needs no trust."""
+    torch.manual_seed(config.seed)
+    if not callable(config.spec):
+        return load_model(config.spec, trust=Trust(trust.modules, trust.specs) if trust else None)
+    model = config.spec()
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"student {config.spec_text()} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def make_run(config: StudentConfig, num_classes: int, probe: torch.Tensor, device: torch.device,
+             trust: Trust | None = None) -> StudentRun:
+    """Build a student (:func:`build_student`) and check it emits one logit per cached class."""
+    model = build_student(config, trust).to(device)
+    out = probe_model(model, probe, device, what=f"student {config.spec_text()}")
+    if out.ndim != 2 or out.shape[1] != num_classes:
+        raise CacheError(f"student {config.spec_text()} outputs shape {tuple(out.shape[1:])} but the cache has "
+                         f"{num_classes} classes")
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return StudentRun(config=config, model=model, optimizer=optimizer)
+
+
+def fit(runs: Sequence[StudentRun], loader: MemoryLoader | StreamLoader, epochs: int, soft_source: SoftSource,
+        cache_temperature: float, progress: bool = False, group: bool = True) -> None:
+    """The training pass: each batch is produced once and every student takes a step on it.
+
+    With ``group`` students that share an architecture step together as one vectorized model
+    (``softcache.student.stacked``); each ends with the weights it would have reached alone.
+    """
+    with Progress(total=epochs * len(loader), desc="train", enabled=progress, unit="steps") as bar, \
+            grouped(runs, enabled=group) as steppers:
+        for epoch in range(epochs):
+            for batch in loader.epoch(epoch):
+                soft = soft_source(batch)
+                for stepper in steppers:
+                    stepper.step(batch, soft, cache_temperature)
+                bar.update(1)
+
+
+def cached_soft(batch: Batch) -> torch.Tensor | None:
+    """Soft labels as the cache stores them: the offline distillation this library is for."""
+    return batch.soft
+
+
+def online_soft(teacher: nn.Module, temperature: float) -> SoftSource:
+    """Soft labels from a live teacher, for comparing offline with online distillation."""
+    teacher.eval()
+
+    @torch.no_grad()
+    def source(batch: Batch) -> torch.Tensor:
+        return teacher(batch.inputs).float() / temperature
+
+    return source
+
+
+@torch.no_grad()
+def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """The predicted class of every input, in eval mode and in batches (bounded memory), on the
+    device the inputs are on."""
+    model.eval()
+    return torch.cat([model(inputs[i : i + batch_size]).argmax(-1) for i in range(0, len(inputs), batch_size)])
