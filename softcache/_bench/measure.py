@@ -23,7 +23,8 @@ from softcache.progress import Progress
 from softcache.student.loaders import MemoryLoader, open_loader
 from softcache.student.run import cached_soft, fit, online_soft
 from softcache.student.stream import StreamLoader
-from softcache.teacher.build import build, dataset_blocks, label_block, split_writer, write_split
+from softcache.teacher.build import build, dataset_blocks, split_writer, write_split
+from softcache.teacher.label import label_block
 
 
 def measure_epochs(w: Workload) -> dict[str, Any]:

@@ -209,19 +209,17 @@ def _cache_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=commands.cmd_validate)
 
-    p = _sub(sub, "sign", common, help="sign a complete cache (OpenSSF model-signing, EC key)")
-    p.add_argument("url")
-    p.add_argument("--key", required=True, metavar="KEY.pem", help="elliptic-curve private key, PEM (P-256/384/521)")
-    p.add_argument("--signature", default=None, metavar="URL", help="where the signature goes (default: URL.sig)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=commands.cmd_sign)
-
-    p = _sub(sub, "verify", common, help="check a cache against its signature; exit 0 verified, 1 not")
-    p.add_argument("url")
-    p.add_argument("--key", required=True, metavar="PUB.pem", help="the signer's public key, PEM")
-    p.add_argument("--signature", default=None, metavar="URL", help="where the signature is (default: URL.sig)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=commands.cmd_verify)
+    for verb, key, key_help, where, handler, what in (
+            ("sign", "KEY.pem", "elliptic-curve private key, PEM (P-256/384/521)", "goes", commands.cmd_sign,
+             "sign a complete cache (OpenSSF model-signing, EC key)"),
+            ("verify", "PUB.pem", "the signer's public key, PEM", "is", commands.cmd_verify,
+             "check a cache against its signature; exit 0 verified, 1 not")):
+        p = _sub(sub, verb, common, help=what)
+        p.add_argument("url")
+        p.add_argument("--key", required=True, metavar=key, help=key_help)
+        p.add_argument("--signature", default=None, metavar="URL", help=f"where the signature {where} (default: URL.sig)")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(handler=handler)
 
     p = _sub(sub, "stats", common, help="per-sample teacher statistics (polars); per predicted class and overall")
     p.add_argument("url")

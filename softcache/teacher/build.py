@@ -48,7 +48,7 @@ from softcache.progress import Progress
 from softcache.cache.trust import Trust
 from softcache.weights import load_model, num_parameters, probe_model, resolve_device, weights_digest
 from softcache.cache.writer import ChunkWriter, Deferred
-from softcache.teacher.label import RowBlock, label_block, stored_arrays, teacher_logits  # noqa: F401 (label_block: the bench's)
+from softcache.teacher.label import RowBlock, stored_arrays, teacher_logits
 
 def storage_info(storage: str, dtype: str) -> StorageInfo:
     """A ``storage`` option (checked by ``BuildOptions``: only ``full`` is supported) as the
