@@ -182,3 +182,17 @@ def resolve_device(device: str | None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {device!r} requested but CUDA is not available")
     return dev
+
+
+@torch.no_grad()
+def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 1024,
+            device: torch.device | None = None) -> torch.Tensor:
+    """The predicted class of every input, in eval mode and in batches (bounded memory). With
+    ``device`` the batches move there and the predictions come back to the CPU; without, they stay
+    on the device the inputs are on. One home for students (stage 2) and teachers (stage 1)."""
+    model.eval()
+    parts = []
+    for i in range(0, len(inputs), batch_size):
+        batch = inputs[i : i + batch_size]
+        parts.append(model(batch.to(device)).argmax(-1).cpu() if device is not None else model(batch).argmax(-1))
+    return torch.cat(parts)

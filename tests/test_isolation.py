@@ -33,7 +33,8 @@ from softcache.student.stacked import StudentGroup, plan_groups
 from softcache.student.loaders import MemoryLoader
 from softcache.cache.store import Cache
 from softcache.student.loaders import open_loader
-from softcache.student.run import StudentRun, cached_soft, fit, make_run, predict
+from softcache.student.run import StudentRun, cached_soft, fit, make_run
+from softcache.weights import predict
 
 MLP = "softcache.models:mlp,hidden=32"
 CNN = "softcache.models:tiny_cnn,channels=4"

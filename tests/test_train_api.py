@@ -19,7 +19,7 @@ from softcache.config import StudentConfig, TrainConfig
 from softcache.digits import load
 from softcache.errors import UsageError
 from softcache.models import mlp
-from softcache.student.run import predict
+from softcache.weights import predict
 from softcache.student.train import TrainResult, train
 from softcache.weights import load_model
 

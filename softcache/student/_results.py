@@ -19,7 +19,8 @@ import torch
 
 from softcache.cache.store import holds_manifest
 from softcache.errors import UsageError
-from softcache.student.run import StudentRun, predict
+from softcache.student.run import StudentRun
+from softcache.weights import predict
 from softcache.weights import num_parameters, save_model
 
 Evaluation = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]

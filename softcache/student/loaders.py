@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterator
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from softcache.cache.store import Cache, Split
 from softcache.data import check_matches
 from softcache.errors import CacheError, UsageError
 from softcache.student._batch import Batch, epoch_permutation, views_of
-from softcache.student.stream import DEFAULT_BUFFER_CHUNKS, StreamLoader
+from softcache.student.stream import StreamLoader, StreamOptions
 
 LoaderMode = Literal["auto", "memory", "stream"]
 MEMORY_BUDGET_ENV = "SOFTCACHE_MEMORY_BUDGET"
@@ -174,13 +174,10 @@ def choose_mode(split: Split, mode: LoaderMode = "auto", memory_budget: int | st
     return "memory" if memory_bytes(split, with_inputs=with_inputs) <= budget else "stream"
 
 
-def open_loader(cache: Cache, *, inputs: torch.Tensor | None, batch_size: int, shuffle_seed: int = 0,
-                device: torch.device | str = "cpu", mode: LoaderMode = "auto", memory_budget: int | str | None = None,
-                buffer_chunks: int = DEFAULT_BUFFER_CHUNKS, workers: int = 0,
-                start_method: str | None = None,
+def open_loader(cache: Cache, *, inputs: torch.Tensor | None, batch_size: int, mode: LoaderMode = "auto",
+                memory_budget: int | str | None = None,
                 replay: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                labels: torch.Tensor | None = None,
-                ) -> MemoryLoader | StreamLoader:
+                labels: torch.Tensor | None = None, **options: Any) -> MemoryLoader | StreamLoader:
     """The training split's loader in the mode asked for, or the one that fits the budget.
 
     ``inputs=None`` means the inputs are the ones stored in the cache: read whole in ``memory``
@@ -188,6 +185,7 @@ def open_loader(cache: Cache, *, inputs: torch.Tensor | None, batch_size: int, s
     augmented views from the raw inputs (``views.cache_replay``), in either mode. ``labels``
     (one per row, -1 when unknown) replace the cache's, e.g. the labels of the user's own data.
     """
+    opts = StreamOptions.of(None, options)  # the stream's options; the in-RAM loader uses its seed and device
     split = cache.train
     chosen = choose_mode(split, mode, memory_budget, with_inputs=inputs is None)
     if labels is None:
@@ -200,8 +198,6 @@ def open_loader(cache: Cache, *, inputs: torch.Tensor | None, batch_size: int, s
                 raise CacheError("this cache has no stored inputs; pass the training data")
             inputs = torch.from_numpy(split.inputs())
         soft = torch.from_numpy(split.read(store.SOFT))  # as stored; each batch is widened to float32
-        return MemoryLoader(inputs, soft, labels, batch_size=batch_size, shuffle_seed=shuffle_seed, device=device,
-                            replay=replay)
-    return StreamLoader(cache, inputs=inputs, labels=labels, batch_size=batch_size, shuffle_seed=shuffle_seed,
-                        buffer_chunks=buffer_chunks, device=device, workers=workers, start_method=start_method,
-                        replay=replay)
+        return MemoryLoader(inputs, soft, labels, batch_size=batch_size, shuffle_seed=opts.shuffle_seed,
+                            device=opts.device, replay=replay)
+    return StreamLoader(cache, inputs=inputs, labels=labels, batch_size=batch_size, replay=replay, options=opts)

@@ -1,4 +1,4 @@
-"""One student in training, the training pass every student of a call shares, and prediction.
+"""One student in training and the training pass every student of a call shares.
 
 The pass is the one-screen loop of the library: each batch is produced once and every student
 takes a step on it, so a sweep costs one read of the cache however many students it trains.
@@ -115,9 +115,3 @@ def online_soft(teacher: nn.Module, temperature: float) -> SoftSource:
     return source
 
 
-@torch.no_grad()
-def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """The predicted class of every input, in eval mode and in batches (bounded memory), on the
-    device the inputs are on."""
-    model.eval()
-    return torch.cat([model(inputs[i : i + batch_size]).argmax(-1) for i in range(0, len(inputs), batch_size)])

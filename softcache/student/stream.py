@@ -47,7 +47,10 @@ data-parallel training, at the cost of a few rows per epoch).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,6 +84,33 @@ def _distributed_rank() -> tuple[int, int]:
     return 0, 1
 
 
+@dataclass(frozen=True)
+class StreamOptions:
+    """How a stream is cut and spread: which split, the shuffle, the read-ahead, the workers and
+    ranks. Every field has the value one process on one split wants; ``StreamLoader`` takes them
+    as keywords too (``StreamLoader(cache, batch_size=64, workers=2)``)."""
+
+    split: str = "train"
+    shuffle_seed: int = 0
+    buffer_chunks: int = DEFAULT_BUFFER_CHUNKS
+    device: torch.device | str = "cpu"
+    shuffle: bool = True
+    workers: int = 0
+    start_method: str | None = None
+    prefetch: int | None = None
+    rank: int | None = None
+    world_size: int | None = None
+    even_batches: bool = False
+
+    @classmethod
+    def of(cls, options: StreamOptions | None, fields: dict[str, Any]) -> StreamOptions:
+        """``options`` with ``fields`` replacing some of them; an unknown name is a one-line usage error."""
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise UsageError(f"unknown stream option(s) {', '.join(unknown)}")
+        return dataclasses.replace(options or cls(), **fields)
+
+
 class StreamLoader:
     """Chunk-shuffled batches from a cache larger than RAM; yields the same :class:`Batch` as
     :class:`MemoryLoader`, with view ``views_of(row, epoch, V)`` like it.
@@ -96,12 +126,14 @@ class StreamLoader:
     background reading early; otherwise it stops when the loader is garbage-collected.
     """
 
-    def __init__(self, cache: Cache | str, *, split: str = "train", inputs: torch.Tensor | None = None,
-                 labels: torch.Tensor | None = None, batch_size: int, shuffle_seed: int = 0,
-                 buffer_chunks: int = DEFAULT_BUFFER_CHUNKS, device: torch.device | str = "cpu", shuffle: bool = True,
-                 workers: int = 0, start_method: str | None = None, prefetch: int | None = None, rank: int | None = None,
-                 world_size: int | None = None, even_batches: bool = False,
-                 replay: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
+    def __init__(self, cache: Cache | str, *, batch_size: int, inputs: torch.Tensor | None = None,
+                 labels: torch.Tensor | None = None,
+                 replay: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 options: StreamOptions | None = None, **fields: Any):
+        o = StreamOptions.of(options, fields)
+        split, shuffle_seed, buffer_chunks, device, shuffle = o.split, o.shuffle_seed, o.buffer_chunks, o.device, o.shuffle
+        workers, start_method, prefetch, rank, world_size = o.workers, o.start_method, o.prefetch, o.rank, o.world_size
+        even_batches = o.even_batches
         if batch_size < 1 or buffer_chunks < 1 or workers < 0 or (prefetch is not None and prefetch < 0):
             raise UsageError("batch_size and buffer_chunks must be at least 1; workers and prefetch at least 0")
         opened = cache if isinstance(cache, Cache) else store.open_cache(cache)

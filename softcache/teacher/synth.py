@@ -48,7 +48,7 @@ from softcache.data import LabelledTensors, describe, load_dataset
 from softcache.errors import UsageError
 from softcache.cache.manifest import Spec, SynthesisSource
 from softcache.progress import Progress
-from softcache.weights import load_model, probe_model, resolve_device
+from softcache.weights import load_model, predict, probe_model, resolve_device
 
 NO_BATCHNORM_WARNING = (
     "teacher has no BatchNorm layers: synthesis falls back to class targets, image priors and diversity only "
@@ -318,7 +318,7 @@ def synthesize(
         inputs = torch.cat([p[0] for p in parts])
         labels = torch.cat([p[1] for p in parts])
         if cfg.method == "noise":
-            labels = _predict(model, inputs, dev)
+            labels = predict(model, inputs, device=dev)
     dataset = LabelledTensors(inputs, labels, None, {"synthesis": source.method, "seed": source.seed})
     train_blocks = block_source(dataset, batch_size, aug, view)
     eval_blocks = block_source(eval_set, 1024) if eval_set is not None else None
@@ -328,12 +328,7 @@ def synthesize(
 
 
 def _target_rate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, device: torch.device) -> float:
-    return float((_predict(model, inputs, device) == labels).float().mean())
-
-
-@torch.no_grad()
-def _predict(model: nn.Module, inputs: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return torch.cat([model(inputs[i : i + 1024].to(device)).argmax(-1).cpu() for i in range(0, len(inputs), 1024)])
+    return float((predict(model, inputs, device=device) == labels).float().mean())
 
 
 def _reused(url: str, model: nn.Module) -> tuple[SynthesisSource, torch.Tensor, torch.Tensor]:
