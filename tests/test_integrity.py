@@ -36,7 +36,8 @@ from softcache.cache.store import Cache, open_cache
 from softcache.student.train import train
 from softcache.cache.check import validate
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "cache_v0_1_0.zarr"
+from release import ReleaseCache
+
 STUDENT = "softcache.models:mlp,hidden=8"
 MEMORY_LIMIT = 3 << 30
 
@@ -381,9 +382,10 @@ def test_dropping_the_checksums_of_a_finalized_cache_is_an_error(copy: Path) -> 
 # -- caches written by softcache 0.1.0 -----------------------------------------------------------
 
 
-def test_a_0_1_0_cache_opens_validates_and_trains_with_a_warning(tmp_path: Path) -> None:
+def test_a_0_1_0_cache_opens_validates_and_trains_with_a_warning(tmp_path: Path,
+                                                                 release_cache: ReleaseCache) -> None:
     old = tmp_path / "old.zarr"
-    shutil.copytree(FIXTURE, old)
+    shutil.copytree(release_cache.cache, old)
     with pytest.warns(UnverifiedCacheWarning, match="no chunk checksums"):
         cache = open_cache(str(old))
     assert cache.manifest.integrity is None
@@ -403,7 +405,7 @@ def test_a_0_1_0_cache_opens_validates_and_trains_with_a_warning(tmp_path: Path)
             open_cache(str(old)).train.soft_labels()
 
 
-def test_the_checked_in_fixture_is_untouched() -> None:
-    assert all(not p.is_symlink() for p in FIXTURE.rglob("*"))
-    codecs = json.loads((FIXTURE / "soft_labels" / "zarr.json").read_text())["codecs"]
+def test_the_release_cache_is_what_0_1_0_wrote(release_cache: ReleaseCache) -> None:
+    assert all(not p.is_symlink() for p in release_cache.cache.rglob("*"))
+    codecs = json.loads((release_cache.cache / "soft_labels" / "zarr.json").read_text())["codecs"]
     assert [c["name"] for c in codecs] == ["bytes"]

@@ -1,10 +1,6 @@
-"""A cache written by softcache 0.1.0 (checked in, never modified) still opens, validates,
-inspects and trains with the results that release gave.
-
-``tests/fixtures/cache_v0_1_0.zarr`` was built by release 0.1.0 from a digits MLP teacher over the
-597 test images (eval split: 300 of them); ``cache_v0_1_0.expected.json`` holds what that release's
-``validate``, ``inspect`` and ``train`` printed for it (the command is recorded there).
-"""
+"""A cache written by softcache 0.1.0 (built at test time by that release's own code, see
+``tests/release.py``) still opens, validates, inspects and trains with the results that release
+gave."""
 
 from __future__ import annotations
 
@@ -17,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-FIXTURES = Path(__file__).parent / "fixtures"
-EXPECTED = json.loads((FIXTURES / "cache_v0_1_0.expected.json").read_text())
+from release import TRAIN, ReleaseCache
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -28,24 +23,26 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture()
-def old_cache(tmp_path: Path) -> Path:
-    """A copy, so nothing a command might write can change the checked-in files."""
-    return Path(shutil.copytree(FIXTURES / "cache_v0_1_0.zarr", tmp_path / "cache_v0_1_0.zarr"))
+def old_cache(release_cache: ReleaseCache, tmp_path: Path) -> Path:
+    """A copy (with the teacher file its manifest names), so no test changes the release's cache."""
+    shutil.copy(release_cache.cache.parent / "teacher.safetensors", tmp_path)
+    return Path(shutil.copytree(release_cache.cache, tmp_path / release_cache.cache.name))
 
 
-def test_a_0_1_0_cache_validates_with_a_warning_that_it_cannot_be_verified(old_cache: Path) -> None:
+def test_a_0_1_0_cache_validates_with_a_warning_that_it_cannot_be_verified(old_cache: Path,
+        release_cache: ReleaseCache) -> None:
     for deep in ([], ["--deep"]):
         proc = cli("validate", old_cache.name, "--json", *deep, cwd=old_cache.parent)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         result = json.loads(proc.stdout)
-        assert result["valid"] and result["cache_key"] == EXPECTED["validate"]["cache_key"]
+        assert result["valid"] and result["cache_key"] == release_cache.validate["cache_key"]
         assert any("checksum" in w or "verif" in w for w in result["warnings"]), result["warnings"]
 
 
-def test_a_0_1_0_cache_inspects_as_it_did(old_cache: Path) -> None:
+def test_a_0_1_0_cache_inspects_as_it_did(old_cache: Path, release_cache: ReleaseCache) -> None:
     proc = cli("inspect", old_cache.name, "--json", cwd=old_cache.parent)
     assert proc.returncode == 0, proc.stderr
-    now, then = json.loads(proc.stdout), EXPECTED["inspect"]
+    now, then = json.loads(proc.stdout), release_cache.inspect
     for key in ("schema_version", "cache_key", "status", "rows", "eval_rows", "classes", "views", "temperature",
                 "storage", "teacher_train_accuracy", "teacher_mean_max_prob", "arrays"):
         assert now[key] == then[key], key
@@ -54,15 +51,13 @@ def test_a_0_1_0_cache_inspects_as_it_did(old_cache: Path) -> None:
     assert {k: v for k, v in now["manifest"].items() if k not in added} == then["manifest"]
 
 
-def test_a_0_1_0_cache_trains_to_the_same_leaderboard(old_cache: Path) -> None:
+def test_a_0_1_0_cache_trains_to_the_same_leaderboard(old_cache: Path, release_cache: ReleaseCache) -> None:
     out = old_cache.parent / "students"
-    proc = cli("train", "--cache", old_cache.name, "--out", str(out), "--student", "softcache.models:mlp,hidden=8",
-               "--student", "softcache.models:mlp,hidden=8", "--alpha", "0.9", "0.0", "--epochs", "15", "--seed", "0",
-               "--json", "--quiet", cwd=old_cache.parent)
+    proc = cli("train", "--cache", old_cache.name, "--out", str(out), *TRAIN, cwd=old_cache.parent)
     assert proc.returncode == 0, proc.stderr
     now = {row["student"]: row for row in json.loads(proc.stdout)["leaderboard"]}
-    assert set(now) == {row["student"] for row in EXPECTED["leaderboard"]}
-    for then in EXPECTED["leaderboard"]:
+    assert set(now) == {row["student"] for row in release_cache.leaderboard}
+    for then in release_cache.leaderboard:
         row = now[then["student"]]
         for key in ("spec", "parameters", "temperature", "alpha", "label_smoothing", "lr", "seed", "epochs"):
             assert row[key] == then[key], (then["student"], key)
