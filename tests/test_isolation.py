@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from softcache.config import StudentConfig
 from softcache.student.loss import LossSettings, stacked_loss
@@ -158,17 +157,9 @@ def test_a_diverging_student_does_not_change_its_partners(setting, group: bool) 
 def test_the_vmap_path_is_isolated_too(setting, monkeypatch: pytest.MonkeyPatch) -> None:
     """A model that is not a plain ``nn.Sequential`` is stacked through vmap."""
     import softcache.models as models
+    from test_group import ResidualMLP
 
-    class Residual(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a, self.b = nn.Linear(64, 16), nn.Linear(16, 10)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            h = x.flatten(1)
-            return self.b(torch.tanh(self.a(h))) + h[:, :10]
-
-    monkeypatch.setattr(models, "residual_for_isolation", Residual, raising=False)
+    monkeypatch.setattr(models, "residual_for_isolation", ResidualMLP, raising=False)
     spec = "softcache.models:residual_for_isolation"
     loader = setting[0]
     student = StudentConfig(spec=spec, alpha=0.9, seed=0)
