@@ -91,7 +91,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
 
 
 def cmd_finalize(args: argparse.Namespace) -> int:
-    from softcache.teacher.build import finalize
+    from softcache.cache.shards import finalize
 
     manifest = finalize(args.url)
     obj = {"url": args.url, "complete": True, "cache_key": manifest.cache_key, "rows": manifest.layout.rows,

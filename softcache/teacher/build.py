@@ -208,12 +208,6 @@ def split_writer(group: Any, manifest: Manifest) -> ChunkWriter:
                        manifest.layout.chunk_rows)
 
 
-def finalize(url: str) -> Manifest:
-    """Check every shard is done and the arrays are whole, consolidate the metadata and mark the
-    cache complete (idempotent; ``softcache finalize URL``). See ``distributed.finalize``."""
-    return distributed.finalize(url)
-
-
 def build(
     teacher: str | Spec | nn.Module,
     data: str | Spec | Dataset,
