@@ -84,7 +84,8 @@ class CacheOptions(_Model):
 class BuildOptions(CacheOptions):
     """``CacheOptions`` plus those of labelling a dataset: a pipeline's ``[cache]`` table."""
 
-    storage: str = Field(default="full", description="full (topk:K and sample:K are reserved)")
+    storage: str = Field(default="full", description="full (every logit / T) or topk:K (the K most probable "
+                         "classes' ids and log-probabilities plus the leftover mass); sample:N is reserved")
     batch_size: int = Field(default=256, ge=1, description="rows per teacher call")
     shard_chunks: int = Field(default=1, ge=1, description="chunks per shard: the unit of work split between "
                               "workers and redone on resume")
@@ -96,10 +97,14 @@ class BuildOptions(CacheOptions):
         mode, _, k = value.partition(":")
         if mode == "full" and not k:
             return value
-        if mode in ("topk", "sample"):
-            raise ValueError(f"storage mode {mode!r} is reserved in the format but not supported by this build; "
-                             "use 'full'")
-        raise ValueError(f"storage must be 'full', 'topk:K' or 'sample:K', not {value!r}")
+        if mode == "topk":
+            if not k.isdigit() or int(k) < 1:
+                raise ValueError(f"storage {value!r}: K must be a whole number >= 1 (topk:64)")
+            return f"topk:{int(k)}"
+        if mode == "sample":
+            raise ValueError("storage mode 'sample' is reserved in the format but not supported by this build; "
+                             "use 'full' or 'topk:K'")
+        raise ValueError(f"storage must be 'full' or 'topk:K', not {value!r}")
 
 
 class BuildConfig(BuildOptions):
@@ -174,6 +179,9 @@ class StudentConfig(_Model):
     weight_decay: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     seed: int = Field(default=0, description="seeds the student's initial weights")
+    leftover: Literal["bucket", "label", "renormalize"] = Field(
+        default="bucket", description="top-k caches: the leftover mass is one more 'other' class (bucket), goes to "
+        "the true label (label), or is dropped and the kept mass rescaled (renormalize: biased, never a default)")
 
     @field_validator("spec", mode="before", json_schema_input_type=Union[str, Spec])
     @classmethod

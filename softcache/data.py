@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from softcache.errors import CacheError, UsageError
 from softcache.cache.manifest import DatasetSource, Spec
+from softcache.sequences import is_sequence_item
 from softcache.spec import call_spec
 
 FINGERPRINT_SAMPLES = 256
@@ -52,7 +53,9 @@ def load_dataset(spec: Spec | str | Dataset) -> tuple[Dataset, Spec | None]:
     if isinstance(dataset, torch.nn.Module) or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
         raise UsageError(f"data spec {spec} returned {type(dataset).__name__}, not a map-style Dataset")
     if len(dataset) and not isinstance(getattr(dataset, "inputs", None), torch.Tensor):
-        _split_item(dataset[0], f"data spec {spec}: item 0")
+        first = dataset[0]
+        if not is_sequence_item(first):
+            _split_item(first, f"data spec {spec}: item 0")
     return dataset, spec
 
 

@@ -48,6 +48,15 @@ def load_model(spec: Spec | str, *, trust: Trust | bool | None = None, arch: Spe
 
 
 @torch.no_grad()
+def output_logits(output: object) -> torch.Tensor:
+    """A model's logits: the tensor it returns, or the ``.logits`` of an output object (the
+    Hugging Face convention)."""
+    logits = getattr(output, "logits", output)
+    if not isinstance(logits, torch.Tensor):
+        raise UsageError(f"the model returned {type(output).__name__}, not a tensor or an object with .logits")
+    return logits
+
+
 def probe_model(model: nn.Module, inputs: torch.Tensor, device: torch.device, what: str = "teacher") -> torch.Tensor:
     """The model's output on a couple of inputs; a model that cannot take them (wrong input
     shape or dtype for this data) is a one-line mismatch error, not a traceback."""
@@ -56,9 +65,9 @@ def probe_model(model: nn.Module, inputs: torch.Tensor, device: torch.device, wh
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CacheError(f"{what} cannot run on inputs of shape {tuple(inputs.shape[1:])}: {first}") from None
-    if not isinstance(out, torch.Tensor):
+    if not isinstance(getattr(out, "logits", out), torch.Tensor):
         raise UsageError(f"{what} returned {type(out).__name__}, expected a tensor of logits (batch, classes)")
-    return out
+    return output_logits(out)
 
 
 def _load_safetensors_model(path: str, trust: Trust | bool, arch: Spec | str | None) -> nn.Module:
@@ -163,7 +172,8 @@ def weights_digest(model: nn.Module) -> str:
         digest.update(key.encode())
         tensor = value.detach().cpu().contiguous()
         digest.update(json.dumps([str(tensor.dtype), list(tensor.shape)]).encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        if tensor.numel():  # the tensor's own bytes, hashed in place (a copy would cost as much as the hash)
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 

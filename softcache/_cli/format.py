@@ -134,6 +134,19 @@ def _spec_str(spec: dict[str, Any]) -> str:
     return str(Spec.model_validate(spec))
 
 
+def _rows_line(info: dict[str, Any]) -> str:
+    head = f"rows         {info['rows']} train, {info['eval_rows']} eval; "
+    if info.get("kind") == "sequence":
+        return head + f"token rows of {info['sequence_length']} positions, vocabulary {info['classes']}"
+    return head + f"{info['classes']} classes; {info['views']} view(s)" + (
+        " (one fixed view per sample: augmenting inputs in training will not match the teacher's view)"
+        if info.get("fixed_view") else "")
+
+
+def _storage_str(storage: dict[str, Any]) -> str:
+    return f"{storage['mode']}:{storage['k']}" if storage.get("k") else storage["mode"]
+
+
 def format_inspect(info: dict[str, Any], complete: bool) -> str:
     """``softcache inspect``: the manifest's story, then the trust lines (``info["trust"]``)."""
     m = info["manifest"]
@@ -146,11 +159,10 @@ def format_inspect(info: dict[str, Any], complete: bool) -> str:
         f"teacher      {teacher['spec'] and _spec_str(teacher['spec'])}  "
         f"({teacher['num_parameters']} params, sha256 {teacher['weights_digest'][:12]})",
         f"source       {src['kind']}: {source}  ({src['num_samples']} samples)",
-        f"rows         {info['rows']} train, {info['eval_rows']} eval; {info['classes']} classes; {info['views']} view(s)"
-        + (" (one fixed view per sample: augmenting inputs in training will not match the teacher's view)"
-           if info.get("fixed_view") else ""),
-        f"soft labels  T={info['temperature']:g}, {info['storage']['mode']} {info['storage']['dtype']}, "
-        f"{info['bytes_per_sample']:.1f} bytes/sample",
+        _rows_line(info),
+        f"soft labels  T={info['temperature']:g}, {_storage_str(info['storage'])} {info['storage']['dtype']}, "
+        + (f"{info['bytes_per_token']:.1f} bytes/token" if info.get("bytes_per_token") is not None
+           else f"{info['bytes_per_sample']:.1f} bytes/sample"),
         f"teacher      train accuracy {pct(info['teacher_train_accuracy'])}"
         + (f", eval accuracy {pct(info['teacher_eval_accuracy'])}" if "teacher_eval_accuracy" in info else "")
         + f", mean max prob {pct(info['teacher_mean_max_prob'])}",

@@ -40,7 +40,7 @@ from softcache.cache.layout import (
     split_prefix,
 )
 from softcache.cache.location import Location
-from softcache.cache.manifest import Manifest, compute_cache_key
+from softcache.cache.manifest import Manifest
 from softcache.cache.trust import recorded_spec_problems
 from softcache.errors import CacheError
 
@@ -348,9 +348,7 @@ def validate(url: str | Location, *, deep: bool = False) -> dict[str, Any]:
         for prefix in ("", f"{EVAL}/"):
             _check_contents(check, manifest, prefix, errors, deep)
         if deep:
-            key = compute_cache_key(manifest.teacher, manifest.source, manifest.classes, manifest.temperature,
-                                    manifest.storage, manifest.views, manifest.eval.source if manifest.eval else None)
-            if key != manifest.cache_key:
+            if manifest.key() != manifest.cache_key:
                 errors.append("cache_key does not match the manifest contents (edited after the build?)")
             _check_digest(own, manifest, check, errors, warnings)
     except CacheError as exc:  # the store refused something the checks did not foresee: still a report

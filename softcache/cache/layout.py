@@ -13,6 +13,21 @@ Layout of a cache (format version 1)::
       eval/                           optional held-out split: same arrays, one clean view, no
                                       view_params; its own shard_done (E,) for its shards
 
+A ``sequence`` cache (format version 2) has token rows instead: its second axis is the row's
+``L`` positions where a sample cache has its ``V`` views::
+
+      tokens        (N, L)    int32   the token ids the teacher read
+      loss_mask     (N, L)    uint8   1 where the prediction at position t (of token t+1) counts
+      soft_labels   (N, L, C) ...     one soft label per position; stats/* (N, L)
+      sample_index  (N,)      int64   row -> item of the source dataset (no labels array: the
+                                      next-token targets follow from tokens and loss_mask)
+
+Compact storage (``topk:K``, either kind) replaces the C values per view/position by K::
+
+      soft_labels   (N, P, K) f16/32  log-probabilities at T of the K most probable classes
+      soft_ids      (N, P, K) uint16 or int32 (the smallest holding every class id)
+      soft_rest     (N, P)    float32 probability mass of the classes not kept
+
 Every array shares the row chunking R (``layout.chunk_rows``), and a build writes whole chunks
 only (zarr rewrites a chunk on a partial write). Shards (``layout.shard_rows`` rows, whole
 chunks) are the units of a build; a shard's flag is set only after all its chunks are stored
@@ -40,6 +55,10 @@ SOFT = "soft_labels"
 INDEX = "sample_index"
 LABELS = "labels"
 INPUTS = "inputs"
+TOKENS = "tokens"
+LOSS_MASK = "loss_mask"
+SOFT_IDS = "soft_ids"
+SOFT_REST = "soft_rest"
 VIEW_PARAMS = "view_params"
 PREDICTION = "stats/prediction"
 STATS = ("stats/max_prob", "stats/entropy", "stats/margin", PREDICTION)
@@ -63,24 +82,44 @@ def split_arrays(manifest: Manifest, rows: int, *, store_inputs: bool, with_labe
 
     The eval split always holds one view, the clean input: it measures agreement on held-out
     data as the student will see it, whatever views the training rows were labelled through."""
-    lay, views = manifest.layout, (1 if eval_split else manifest.views.count)
+    lay, sequence = manifest.layout, manifest.sequence is not None
+    views = manifest.positions if sequence or not eval_split else 1
     r = max(1, min(lay.chunk_rows, rows)) if rows else lay.chunk_rows
-    width = manifest.classes.count if manifest.storage.mode == "full" else int(manifest.storage.k or 0)
+    st = manifest.storage
+    width = manifest.classes.count if st.mode == "full" else int(st.k or 0)
     specs = {
-        SOFT: ArraySpec((rows, views, width), manifest.storage.dtype, (r, views, width)),
+        SOFT: ArraySpec((rows, views, width), st.dtype, (r, views, width)),
         INDEX: ArraySpec((rows,), "int64", (r,)),
     }
-    if with_labels:
+    if st.mode != "full":
+        specs[SOFT_IDS] = ArraySpec((rows, views, width), str(st.id_dtype), (r, views, width))
+        specs[SOFT_REST] = ArraySpec((rows, views), "float32", (r, views))
+    if with_labels and not sequence:
         specs[LABELS] = ArraySpec((rows,), "int64", (r,))
     for name in STATS:
         specs[name] = ArraySpec((rows, views), "int32" if name.endswith("prediction") else "float32", (r, views))
-    if store_inputs:
+    if sequence:
+        specs[TOKENS] = ArraySpec((rows, views), "int32", (r, views))
+        specs[LOSS_MASK] = ArraySpec((rows, views), "uint8", (r, views))
+    elif store_inputs:
         shape = tuple(lay.input_shape)
         specs[INPUTS] = ArraySpec((rows, *shape), "float32", (r, *shape))
     if manifest.views.param_names and not eval_split:
         p = len(manifest.views.param_names)
         specs[VIEW_PARAMS] = ArraySpec((rows, views, p), "float32", (r, views, p))
     return specs
+
+
+def id_dtype(classes: int) -> str:
+    """The smallest id dtype holding every class id."""
+    return "uint16" if classes <= 1 << 16 else "int32"
+
+
+def row_bytes(manifest: Manifest) -> int:
+    """Stored bytes of one row's soft labels (values, ids, leftover) and statistics: what
+    ``inspect`` reports per sample or per token, and what sizes a sequence cache's chunks."""
+    specs = split_arrays(manifest, 1, store_inputs=False)
+    return sum(math.prod(s.shape[1:]) * FORMAT_DTYPES[s.dtype] for name, s in specs.items() if name != INDEX)
 
 
 def flag_spec(manifest: Manifest, rows: int) -> ArraySpec:
@@ -107,7 +146,7 @@ MAX_CHUNKS = 1 << 24
 """Chunks one array may declare: 16.7M chunks of the default 4096 rows is 68 billion rows."""
 MAX_CHUNK_BYTES = 1 << 31
 """Encoded bytes one chunk may declare (2 GiB)."""
-FORMAT_DTYPES = {"float16": 2, "float32": 4, "int32": 4, "int64": 8, "uint8": 1}
+FORMAT_DTYPES = {"float16": 2, "float32": 4, "int32": 4, "int64": 8, "uint8": 1, "uint16": 2}
 """The dtypes softcache writes, with their item sizes."""
 CHECKSUM_BYTES = 4  # bytes the crc32c codec appends to a chunk
 

@@ -13,12 +13,16 @@ import json
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator, model_validator
 
 from softcache.errors import CacheError, UsageError, first_validation_error
 
-SCHEMA_VERSION = 1
-"""Bumped on any change an older reader could misread. Readers refuse newer versions."""
+SCHEMA_VERSION = 2
+"""Bumped on any change an older reader could misread. Readers refuse newer versions.
+
+Version 2 added token-sequence rows and compact (top-k) soft labels. A cache of classified
+samples with full storage is still written as version 1, which 0.1 readers open unchanged; only
+caches an older reader would misread carry version 2 (see :func:`format_version`)."""
 
 MANIFEST_ATTR = "softcache"
 
@@ -107,13 +111,43 @@ class ClassInfo(_Model):
 
 
 class StorageInfo(_Model):
-    """How soft labels are stored. ``full``: every class's logit / T. ``topk``: the k largest
-    logits / T with their class ids; the rest of the probability mass is spread evenly at read
-    time. ``sample``: k classes drawn from the teacher distribution, stored as counts."""
+    """How soft labels are stored.
+
+    ``full``: every class's logit / T (``soft_labels``), so any temperature is exact.
+    ``topk``: the ``k`` most probable classes at the cache temperature: their ids
+    (``soft_ids``, ``id_dtype``), their log-probabilities at T (``soft_labels``) and the
+    probability mass left over (``soft_rest``, float32, computed from the full distribution).
+    ``sample``: reserved for ``k`` classes drawn from the teacher distribution, stored as counts."""
 
     mode: Literal["full", "topk", "sample"] = "full"
-    k: int | None = None
-    dtype: Literal["float16", "float32"] = "float16"
+    k: int | None = Field(default=None, ge=1, description="entries kept per row/position (topk, sample)")
+    dtype: Literal["float16", "float32"] = Field(default="float16", description="dtype of the stored values")
+    id_dtype: Literal["uint16", "int32"] | None = Field(
+        default=None, description="dtype of soft_ids: the smallest that holds every class id (compact modes)")
+    values: Literal["logits", "logprobs"] = Field(
+        default="logits", description="logits: z / T (full); logprobs: log softmax(z / T) of the kept ids (topk)")
+
+
+class TokenizerInfo(_Model):
+    """The tokenizer the token ids come from, so a receiver can decode and check them."""
+
+    name: str
+    digest: str | None = Field(default=None, description="sha256 of the tokenizer file")
+    vocab_size: int = Field(ge=1)
+    special_ids: dict[str, int] = Field(default_factory=dict)
+
+
+class SequenceInfo(_Model):
+    """Rows of a ``sequence`` cache: ``length`` token positions each, one soft label per position.
+
+    ``tokens`` hold the ids the teacher read; ``loss_mask[t]`` says whether the prediction made
+    at position t (of token t + 1) counts; the next-token targets are derived from the two."""
+
+    length: int = Field(ge=2, description="positions per row")
+    vocab_size: int = Field(ge=2, description="teacher vocabulary (the classes)")
+    tokenizer: TokenizerInfo | None = None
+    packing: dict[str, JsonValue] = Field(default_factory=dict,
+                                          description="how documents became rows (method, separator, ...)")
 
 
 class ViewInfo(_Model):
@@ -173,6 +207,10 @@ class Integrity(_Model):
 class Manifest(_Model):
     schema_version: int = Field(default=SCHEMA_VERSION)
     format: Literal["softcache"] = "softcache"
+    kind: Literal["sample", "sequence"] = Field(
+        default="sample", description="sample: one classified input per row; sequence: token rows, a soft label "
+                                      "per position")
+    sequence: SequenceInfo | None = Field(default=None, description="set for sequence caches")
     teacher: TeacherInfo
     source: Source
     classes: ClassInfo
@@ -186,6 +224,26 @@ class Manifest(_Model):
     integrity: Integrity | None = Field(
         default=None, description="chunk checksums and content digest, set by finalize; absent in caches written by softcache 0.1")
 
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        if (self.kind == "sequence") != (self.sequence is not None):
+            raise ValueError("a sequence cache, and only one, has a 'sequence' section")
+        if self.sequence is not None and self.sequence.vocab_size != self.classes.count:
+            raise ValueError(f"sequence vocab_size {self.sequence.vocab_size} differs from classes.count "
+                             f"{self.classes.count}")
+        if self.schema_version < format_version(self.kind, self.storage):
+            raise ValueError(f"schema_version {self.schema_version} cannot describe a {self.kind} cache with "
+                             f"{self.storage.mode} storage")
+        st = self.storage
+        if st.mode == "full" and (st.k is not None or st.values != "logits"):
+            raise ValueError("full storage keeps no k and stores logits")
+        if st.mode == "topk" and (st.k is None or st.id_dtype is None or st.values != "logprobs"
+                                  or st.k >= self.classes.count):
+            raise ValueError("topk storage needs k < classes, an id_dtype and values 'logprobs'")
+        if st.mode == "sample":
+            raise ValueError("storage mode 'sample' is reserved and not yet readable")
+        return self
+
     @field_validator("schema_version")
     @classmethod
     def _known_version(cls, v: int) -> int:
@@ -195,8 +253,26 @@ class Manifest(_Model):
             )
         return v
 
+    def key(self) -> str:
+        """The cache key this manifest's contents determine (see :func:`compute_cache_key`)."""
+        return compute_cache_key(self.teacher, self.source, self.classes, self.temperature, self.storage, self.views,
+                                 self.eval.source if self.eval is not None else None, self.sequence)
+
+    @property
+    def positions(self) -> int:
+        """Soft labels per row: the views of a sample, or the positions of a sequence."""
+        return self.sequence.length if self.sequence is not None else self.views.count
+
     def to_json(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        # fields at their defaults that a version-1 reader does not know are left out, so a
+        # version-1 cache stays byte-for-byte what 0.1 wrote and reads
+        data = self.model_dump(mode="json")
+        if self.schema_version < 2:
+            for key in ("kind", "sequence"):
+                data.pop(key, None)
+            for key in ("id_dtype", "values"):
+                data["storage"].pop(key, None)
+        return data
 
     @classmethod
     def from_json(cls, data: Any) -> Manifest:
@@ -214,6 +290,11 @@ class Manifest(_Model):
             raise CacheError(f"invalid manifest: {first_validation_error(exc, 'manifest')}") from None
 
 
+def format_version(kind: str, storage: StorageInfo) -> int:
+    """The schema version a cache needs: 1 for what 0.1 readers read correctly, else 2."""
+    return 1 if kind == "sample" and storage.mode == "full" else SCHEMA_VERSION
+
+
 def compute_cache_key(
     teacher: TeacherInfo,
     source: DatasetSource | SynthesisSource,
@@ -222,22 +303,27 @@ def compute_cache_key(
     storage: StorageInfo,
     views: ViewInfo,
     eval_source: DatasetSource | None = None,
+    sequence: SequenceInfo | None = None,
 ) -> str:
     """Digest of everything that determines the stored values (not the chunking, not the time).
 
     Two builds with the same key produce the same arrays, so shards of one build can join a
-    shared store and pipelines can skip a stage whose output already has this key.
+    shared store and pipelines can skip a stage whose output already has this key. A version-1
+    cache's key is computed as 0.1 computed it.
     """
-    determining = {
-        "schema_version": SCHEMA_VERSION,
+    version = format_version("sequence" if sequence is not None else "sample", storage)
+    determining: dict[str, Any] = {
+        "schema_version": version,
         "teacher": teacher.weights_digest,
         "source": source.model_dump(mode="json", exclude={"spec", "info"}),
         "classes": classes.count,
         "temperature": temperature,
-        "storage": storage.model_dump(mode="json"),
+        "storage": storage.model_dump(mode="json", exclude=None if version > 1 else {"id_dtype", "values"}),
         "views": views.model_dump(mode="json"),
         "eval": eval_source.fingerprint if eval_source else None,
     }
+    if sequence is not None:
+        determining["sequence"] = sequence.model_dump(mode="json")
     blob = json.dumps(determining, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()
 

@@ -34,10 +34,12 @@ from softcache.cache.layout import (
     INDEX,
     INPUTS,
     LABELS,
+    LOSS_MASK,
     PREDICTION,
     SHARD_DONE,
     SOFT,
     STATS,
+    TOKENS,
     ArraySpec,
     is_flag,
     split_prefix,
@@ -261,8 +263,10 @@ class Split:
     def sample_index(self) -> np.ndarray:
         return self.read(INDEX)
 
-    def predictions(self, view: int = 0) -> np.ndarray:
-        return self.read(PREDICTION)[:, view]
+    def predictions(self, view: int | None = 0) -> np.ndarray:
+        """The teacher's top class for one view, or ``(n, V)`` (every view or position) with ``view=None``."""
+        stored = self.read(PREDICTION)
+        return stored if view is None else stored[:, view]
 
     def inputs(self, rows: slice | None = None) -> np.ndarray:
         if not self.has_inputs:
@@ -270,21 +274,37 @@ class Split:
         return self.read(INPUTS, rows)
 
     def stats(self) -> Any:
-        """Per-sample teacher statistics as a polars DataFrame, one row per (row, view)."""
+        """Per-sample teacher statistics as a polars DataFrame, one row per (row, view); for token
+        rows one per (row, position), with the token there and the next-token ``target``."""
         import polars as pl
 
         views = int(self.array(SOFT).shape[1])
         stored = {name: self.read(name) for name in (INDEX, *STATS)}  # read first: derived columns follow the data
+        sequence = self.manifest.kind == "sequence"
         cols: dict[str, Any] = {
             "row": np.repeat(np.arange(self.rows, dtype=np.int64), views),
-            "view": np.tile(np.arange(views, dtype=np.int32), self.rows),
+            "position" if sequence else "view": np.tile(np.arange(views, dtype=np.int32), self.rows),
             "sample": np.repeat(stored[INDEX], views),
-            "label": np.repeat(self.labels(), views),
         }
+        if sequence:
+            tokens, mask = self.read(TOKENS).astype(np.int64), self.read(LOSS_MASK)
+            cols["token"] = tokens.reshape(-1)
+            cols["target"] = next_targets(tokens, mask).reshape(-1)
+        else:
+            cols["label"] = np.repeat(self.labels(), views)
         for name in STATS:
             cols[name.split("/")[1]] = stored[name].reshape(-1)
         frame = pl.DataFrame(cols)
-        return frame.with_columns(correct=pl.when(pl.col("label") >= 0).then(pl.col("prediction") == pl.col("label")))
+        truth = "target" if sequence else "label"
+        return frame.with_columns(correct=pl.when(pl.col(truth) >= 0).then(pl.col("prediction") == pl.col(truth)))
+
+
+def next_targets(tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``sequences.next_token_targets`` for numpy rows, kept here so that reading a cache needs no torch."""
+    targets = np.full(tokens.shape, -1, dtype=np.int64)
+    keep = (mask[:, :-1] > 0) & (mask[:, 1:] > 0)
+    targets[:, :-1] = np.where(keep, tokens[:, 1:], -1)
+    return targets
 
 
 class Cache:

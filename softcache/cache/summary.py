@@ -10,7 +10,7 @@ from typing import Any
 
 import zarr
 
-from softcache.cache.layout import SOFT
+from softcache.cache.layout import SOFT, SOFT_IDS, SOFT_REST
 from softcache.cache.store import Cache, Split
 
 
@@ -19,7 +19,9 @@ def _accuracy(split: Split) -> float | None:
     are written and labelled; None when there are none."""
     import polars as pl
 
-    stats = split.stats().filter((pl.col("sample") >= 0) & (pl.col("view") == 0) & (pl.col("label") >= 0))
+    stats = split.stats().filter(pl.col("sample") >= 0)
+    stats = stats.filter(pl.col("view") == 0) if "view" in stats.columns else stats
+    stats = stats.filter(pl.col("correct").is_not_null())
     return float(stats["correct"].mean()) if len(stats) else None
 
 
@@ -37,13 +39,14 @@ def summarize(cache: Cache) -> dict[str, Any]:
         for path, node in sorted(cache.group.members(max_depth=None))
         if isinstance(node, zarr.Array)
     }
-    soft = cache.train.array(SOFT)
     rows = cache.train.rows
+    soft_bytes = sum(cache.train.array(name).nbytes for name in (SOFT, SOFT_IDS, SOFT_REST) if name in cache.group)
     # rows never written (an incomplete cache) keep the fill values: sample_index -1, zeros
     stats = cache.train.stats().filter(pl.col("sample") >= 0)
-    labels = stats["label"].to_numpy()
     correct = stats["correct"].drop_nulls()
     views = cache.manifest.views
+    sequence = cache.manifest.sequence
+    tokens = rows * sequence.length if sequence is not None else 0
     return {
         "url": cache.url,
         "schema_version": cache.manifest.schema_version,
@@ -55,9 +58,12 @@ def summarize(cache: Cache) -> dict[str, Any]:
         "views": views.count,
         "fixed_view": views.count == 1 and views.replay == "identity",
         "temperature": cache.temperature,
-        "storage": cache.manifest.storage.model_dump(mode="json"),
-        "bytes_per_sample": (soft.nbytes / rows) if rows else 0.0,
-        "teacher_train_accuracy": float(correct.mean()) if len(correct) and (labels >= 0).any() else None,
+        "storage": cache.manifest.to_json()["storage"],
+        "kind": cache.manifest.kind,
+        "sequence_length": sequence.length if sequence is not None else None,
+        "bytes_per_sample": (soft_bytes / rows) if rows else 0.0,
+        "bytes_per_token": (soft_bytes / tokens) if tokens else None,
+        "teacher_train_accuracy": float(correct.mean()) if len(correct) else None,
         "teacher_eval_accuracy": _accuracy(cache.eval) if cache.eval is not None else None,
         "teacher_mean_max_prob": float(stats["max_prob"].mean()) if len(stats) else None,
         "arrays": arrays,

@@ -42,6 +42,8 @@ RECORDED_TARGETS = frozenset({
     "softcache.models:teacher_cnn",
     "softcache.models:mlp",
     "softcache.models:tiny_cnn",
+    "softcache.models:gpt",
+    "softcache.hf:causal_lm",
     "softcache.augment:compose",
     "softcache.augment:random_resized_crop",
     "softcache.augment:hflip",

@@ -11,14 +11,40 @@ import torch
 
 
 @dataclass
+class TopK:
+    """A compact teacher distribution at the cache temperature: the kept classes' ``ids`` and
+    log-probabilities ``logp`` ``(..., K)``, and the probability mass ``rest`` ``(...)`` of all
+    the others (see ``cache.manifest.StorageInfo``)."""
+
+    ids: torch.Tensor
+    logp: torch.Tensor
+    rest: torch.Tensor
+
+    def select(self, index: torch.Tensor) -> TopK:
+        """The entries at ``index`` of the leading (flattened) axis."""
+        return TopK(self.ids[index], self.logp[index], self.rest[index])
+
+    def flatten(self) -> TopK:
+        k = self.ids.shape[-1]
+        return TopK(self.ids.reshape(-1, k), self.logp.reshape(-1, k), self.rest.reshape(-1))
+
+
+Soft = torch.Tensor | TopK
+"""The teacher's side of a batch: ``z / T_cache`` per class (full storage), or a :class:`TopK`."""
+
+
+@dataclass
 class Batch:
     """Rows of one training step: their row numbers in the cache, inputs, soft labels (the
-    teacher's ``z / T_cache``; None for a loader without soft labels) and hard labels (-1 unknown)."""
+    teacher's ``z / T_cache`` or a :class:`TopK`; None for a loader without soft labels) and hard
+    labels (-1 unknown). Token rows have ``(B, L)`` inputs and labels (the next-token targets)
+    and a ``mask`` of the positions that count."""
 
     rows: torch.Tensor
     inputs: torch.Tensor
-    soft: torch.Tensor | None
+    soft: Soft | None
     labels: torch.Tensor
+    mask: torch.Tensor | None = None
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -30,3 +56,10 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
 def views_of(rows: np.ndarray | torch.Tensor, epoch: int, views: int) -> np.ndarray | torch.Tensor:
     """Which stored view each row shows in ``epoch``: every view in turn, whichever loader serves it."""
     return (rows + epoch) % views
+
+
+def distributed_rank() -> tuple[int, int]:
+    """This process's rank and the world size under ``torch.distributed`` (0, 1 without it)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1

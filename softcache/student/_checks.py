@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from softcache.cache.manifest import DatasetSource, Spec
 from softcache.cache.store import Cache
 from softcache.config import StudentConfig
-from softcache.errors import CacheError
+from softcache.errors import CacheError, UsageError
 from softcache.student.loaders import MemoryLoader
 from softcache.student.stream import StreamLoader
 
@@ -38,6 +38,18 @@ def check_temperature(cache: Cache) -> None:
     if not low <= t <= high:  # also false for NaN
         raise CacheError(f"{cache.url}: the manifest's temperature {t} is outside [{low:g}, {high:g}]; "
                          "the cache is damaged or was built wrongly")
+
+
+def check_compact_temperature(cache: Cache, configs: Sequence[StudentConfig]) -> None:
+    """A top-k cache stores probabilities at its own temperature: another temperature cannot be
+    recovered from K values and a leftover mass, so it is refused rather than approximated."""
+    st = cache.manifest.storage
+    other = [c for c in configs if st.mode != "full" and c.alpha > 0 and c.temperature != cache.temperature]
+    if other:
+        raise UsageError(f"{cache.location}: this {st.mode}:{st.k} cache holds the teacher's probabilities at "
+                         f"T={cache.temperature:g}; student {other[0].display_name()} asks for T="
+                         f"{other[0].temperature:g}, which a compact cache cannot give exactly: train at "
+                         f"--temperature {cache.temperature:g}")
 
 
 def check_label_range(labels: torch.Tensor, classes: int, what: str) -> None:

@@ -26,8 +26,12 @@ from softcache.weights import num_parameters, save_model
 Evaluation = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 """Held-out inputs, their labels, and the teacher's predictions for them when known."""
 
-Score = tuple[float | None, float | None]
-"""A student's test accuracy and teacher agreement (None: not measurable)."""
+Score = dict[str, float | None]
+"""A student's held-out figures by leaderboard column (None: not measurable): ``test_accuracy``
+and ``teacher_agreement`` for samples; ``bits_per_token``, ``perplexity``, ``accuracy`` and
+``teacher_agreement`` for token rows (``student.sequence.score``)."""
+
+SAMPLE_SCORES = ("test_accuracy", "teacher_agreement")
 
 RESULTS = ("leaderboard.parquet", "students")
 """What ``train`` writes into its output folder, in the order old results are moved aside (the
@@ -38,7 +42,7 @@ def evaluate(runs: Sequence[StudentRun], evaluation: Evaluation | None, device: 
     """Each student's accuracy on the rows with a known label, and its agreement with the
     teacher's predictions where those belong to these very rows (the cache's own eval split)."""
     if evaluation is None:
-        return [(None, None)] * len(runs)
+        return [dict.fromkeys(SAMPLE_SCORES)] * len(runs)
     x, y, teacher_pred = evaluation
     known = y >= 0
     scores: list[Score] = []
@@ -46,27 +50,28 @@ def evaluate(runs: Sequence[StudentRun], evaluation: Evaluation | None, device: 
         pred = predict(run.model, x.to(device)).cpu()
         acc = float((pred[known] == y[known]).float().mean()) if bool(known.any()) else None
         agree = float((pred == teacher_pred).float().mean()) if teacher_pred is not None else None
-        scores.append((acc, agree))
+        scores.append({"test_accuracy": acc, "teacher_agreement": agree})
     return scores
 
 
 def leaderboard(runs: Sequence[StudentRun], names: Sequence[str], scores: Sequence[Score], epochs: int,
                 weights: Sequence[str | None]) -> pl.DataFrame:
-    """One row per student, best test accuracy first."""
+    """One row per student, best first: highest test accuracy, or fewest held-out bits per token."""
     rows = []
-    for run, name, (acc, agree), path in zip(runs, names, scores, weights):
+    for run, name, score, path in zip(runs, names, scores, weights):
         cfg = run.config
         rows.append({
             "student": name, "spec": cfg.spec_text(), "parameters": num_parameters(run.model),
             "temperature": cfg.temperature if cfg.alpha > 0 else None, "alpha": cfg.alpha,
             "label_smoothing": cfg.label_smoothing, "lr": cfg.lr, "seed": cfg.seed, "epochs": epochs,
-            "test_accuracy": acc, "teacher_agreement": agree,
-            "final_loss": run.loss_history()[-1] if run.losses else None,
+            **score, "final_loss": run.loss_history()[-1] if run.losses else None,
             "train_seconds": round(run.seconds, 3), "weights": path,
         })
-    schema = {"temperature": pl.Float64, "test_accuracy": pl.Float64, "teacher_agreement": pl.Float64,
-              "final_loss": pl.Float64, "weights": pl.Utf8}
-    return pl.DataFrame(rows, schema_overrides=schema).sort("test_accuracy", descending=True, nulls_last=True)
+    schema = {"temperature": pl.Float64, "final_loss": pl.Float64, "weights": pl.Utf8,
+              **{column: pl.Float64 for column in (scores[0] if scores else SAMPLE_SCORES)}}
+    tokens = bool(scores) and "bits_per_token" in scores[0]
+    return pl.DataFrame(rows, schema_overrides=schema).sort(
+        "bits_per_token" if tokens else "test_accuracy", descending=not tokens, nulls_last=True)
 
 
 def results_target(out_dir: str | Path, overwrite: bool) -> Path:

@@ -14,9 +14,27 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+from softcache.student._batch import Soft, TopK
+
+Leftover = Literal["bucket", "label", "renormalize"]
+"""What a student does with a top-k cache's leftover mass (the classes the cache did not keep):
+
+``bucket``
+    (default) the leftover is one more class, "everything else": the student's mass outside the
+    kept ids is matched to it. Exact KL on the coarsened distribution; needs no label.
+``label``
+    the leftover mass goes to the true label (the next token), as if the teacher had put it
+    there; rows without a label fall back to ``bucket``.
+``renormalize``
+    the kept probabilities are scaled to sum to 1 and the leftover dropped: the student learns
+    zero mass outside the teacher's top-k and pays for it on every held-out token there. Never
+    a default; only when named.
+"""
 
 
 def rescale(stored: torch.Tensor, cache_temperature: float, temperature: float) -> torch.Tensor:
@@ -29,33 +47,88 @@ def rescale(stored: torch.Tensor, cache_temperature: float, temperature: float) 
 
 def distillation_loss(
     student_logits: torch.Tensor,
-    teacher_scaled: torch.Tensor | None,
+    teacher_scaled: Soft | None,
     labels: torch.Tensor | None,
     *,
     temperature: float,
     alpha: float,
     label_smoothing: float = 0.0,
+    leftover: Leftover = "bucket",
 ) -> torch.Tensor:
     """``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(labels)``.
 
-    ``teacher_scaled`` is teacher logits already divided by ``temperature``. The T^2 factor keeps
-    the soft term's gradient scale independent of T. Labels of -1 (unknown) are ignored by the
-    hard term; with no known label at all the hard term is dropped. A term whose weight is zero
-    is never computed (not multiplied by 0: 0 * NaN is NaN), so a hard-label student (alpha 0)
-    never reads the soft labels at all.
+    ``teacher_scaled`` is teacher logits already divided by ``temperature``, or a top-k
+    distribution stored at that temperature (:func:`topk_kl`, with ``leftover``). The T^2 factor
+    keeps the soft term's gradient scale independent of T. Labels of -1 (unknown) are ignored by
+    the hard term; with no known label at all the hard term is dropped. A term whose weight is
+    zero is never computed (not multiplied by 0: 0 * NaN is NaN), so a hard-label student
+    (alpha 0) never reads the soft labels at all.
     """
     total = student_logits.new_zeros(())
     if alpha > 0:
         if teacher_scaled is None:
             raise ValueError("alpha > 0 needs teacher soft labels")
         log_student = F.log_softmax(student_logits / temperature, dim=-1)
-        log_teacher = F.log_softmax(teacher_scaled.to(student_logits.dtype), dim=-1)
-        kl = F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True)
+        if isinstance(teacher_scaled, TopK):
+            kl = topk_kl(log_student, teacher_scaled, labels, leftover)
+        else:
+            log_teacher = F.log_softmax(teacher_scaled.to(student_logits.dtype), dim=-1)
+            kl = F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True)
         total = total + alpha * temperature * temperature * kl
     if alpha < 1 and labels is not None and bool((labels >= 0).any()):
         ce = F.cross_entropy(student_logits, labels, ignore_index=-1, label_smoothing=label_smoothing)
         total = total + (1 - alpha) * ce
     return total
+
+
+def _xlogy(p: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """``p * log_p`` with 0 where ``p`` is 0 (so a zero mass never multiplies a -inf)."""
+    return torch.where(p > 0, p * log_p, 0.0)
+
+
+def topk_kl(log_student: torch.Tensor, teacher: TopK, labels: torch.Tensor | None,
+            leftover: Leftover = "bucket") -> torch.Tensor:
+    """KL from a top-k teacher distribution to the student's ``log_student`` ``(n, C)``, mean
+    over the n rows, with the leftover mass treated as ``leftover`` says (see :data:`Leftover`).
+
+    Touches K of the C student entries per row (one gather) plus the log-sum of the rest."""
+    lq = log_student.gather(-1, teacher.ids.long())
+    logp = teacher.logp.to(log_student.dtype)
+    p = logp.exp()
+    n = max(1, log_student.shape[0])
+    if leftover == "renormalize":
+        logp = logp - logp.logsumexp(-1, keepdim=True)
+        return (logp.exp() * (logp - lq)).sum() / n
+    rest = teacher.rest.to(log_student.dtype)
+    kept = (p * (logp - lq)).sum(-1)
+    # the student's mass outside the kept ids, as a log: log(1 - sum q_k), clamped off log(0)
+    log_q_rest = torch.log1p(-lq.exp().sum(-1).clamp(max=1 - 1e-6))
+    if leftover == "label" and labels is not None:
+        known = labels >= 0
+        lq_label = log_student.gather(-1, labels.clamp(min=0).long().unsqueeze(-1)).squeeze(-1)
+        log_q_rest = torch.where(known, lq_label, log_q_rest)
+    elif leftover not in ("bucket", "label"):
+        raise ValueError(f"leftover must be bucket, label or renormalize, not {leftover!r}")
+    return (kept + _xlogy(rest, rest.clamp(min=1e-30).log()) - rest * log_q_rest).sum() / n
+
+
+def flatten_positions(logits: torch.Tensor, soft: Soft | None, labels: torch.Tensor,
+                      mask: torch.Tensor | None) -> tuple[torch.Tensor, Soft | None, torch.Tensor]:
+    """Token rows ``(B, L, C)`` as the ``(n, C)`` positions that count (``mask``), so every loss
+    of this module applies per position: the soft term averages over those positions, the hard
+    term over those with a next token (label >= 0)."""
+    c = logits.shape[-1]
+    keep = mask.reshape(-1).nonzero().squeeze(-1) if mask is not None else None
+    flat = logits.reshape(-1, c)
+    target = labels.reshape(-1)
+    if isinstance(soft, TopK):
+        soft = soft.flatten()
+    elif soft is not None:
+        soft = soft.reshape(-1, soft.shape[-1])
+    if keep is None:
+        return flat, soft, target
+    picked = soft.select(keep) if isinstance(soft, TopK) else (soft[keep] if soft is not None else None)
+    return flat[keep], picked, target[keep]
 
 
 # -- the stacked form -------------------------------------------------------------------------

@@ -17,14 +17,14 @@ from softcache.config import StudentConfig
 from softcache.errors import CacheError, UsageError
 from softcache.progress import Progress
 from softcache.cache.trust import Trust
-from softcache.student._batch import Batch
+from softcache.student._batch import Batch, Soft, TopK
 from softcache.student.loaders import MemoryLoader
-from softcache.student.loss import distillation_loss, rescale
+from softcache.student.loss import distillation_loss, flatten_positions, rescale
 from softcache.student.stacked import grouped
 from softcache.student.stream import StreamLoader
-from softcache.weights import load_model, probe_model
+from softcache.weights import load_model, output_logits, probe_model
 
-SoftSource = Callable[[Batch], torch.Tensor | None]
+SoftSource = Callable[[Batch], Soft | None]
 """Gives the teacher's ``z / T_cache`` for a batch: read from the cache, or from a live teacher."""
 
 
@@ -38,14 +38,19 @@ class StudentRun:
     losses: list[torch.Tensor] = field(default_factory=list)
     seconds: float = 0.0
 
-    def step(self, batch: Batch, soft: torch.Tensor | None, cache_temperature: float) -> None:
+    def step(self, batch: Batch, soft: Soft | None, cache_temperature: float) -> None:
         cfg = self.config
         start = time.perf_counter()
         self.model.train()
-        logits = self.model(batch.inputs)
-        teacher = rescale(soft, cache_temperature, cfg.temperature) if (soft is not None and cfg.alpha > 0) else None
-        loss = distillation_loss(logits, teacher, batch.labels, temperature=cfg.temperature,
-                                 alpha=cfg.alpha, label_smoothing=cfg.label_smoothing)
+        logits = output_logits(self.model(batch.inputs))
+        teacher = None
+        if soft is not None and cfg.alpha > 0:  # a top-k cache trains at its own temperature (train checks it)
+            teacher = soft if isinstance(soft, TopK) else rescale(soft, cache_temperature, cfg.temperature)
+        labels = batch.labels
+        if logits.ndim == 3:  # token rows: every position that counts is one prediction
+            logits, teacher, labels = flatten_positions(logits, teacher, labels, batch.mask)
+        loss = distillation_loss(logits, teacher, labels, temperature=cfg.temperature, alpha=cfg.alpha,
+                                 label_smoothing=cfg.label_smoothing, leftover=cfg.leftover)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -75,7 +80,12 @@ def make_run(config: StudentConfig, num_classes: int, probe: torch.Tensor, devic
     """Build a student (:func:`build_student`) and check it emits one logit per cached class."""
     model = build_student(config, trust).to(device)
     out = probe_model(model, probe, device, what=f"student {config.spec_text()}")
-    if out.ndim != 2 or out.shape[1] != num_classes:
+    tokens = not probe.dtype.is_floating_point and probe.ndim == 2
+    if tokens and (out.ndim != 3 or out.shape[-1] != num_classes):
+        raise CacheError(f"student {config.spec_text()} outputs shape {tuple(out.shape[1:])} per token row but the "
+                         f"cache's vocabulary has {num_classes} tokens: a language-model student returns "
+                         f"(batch, length, {num_classes}) logits")
+    if not tokens and (out.ndim != 2 or out.shape[1] != num_classes):
         raise CacheError(f"student {config.spec_text()} outputs shape {tuple(out.shape[1:])} but the cache has "
                          f"{num_classes} classes")
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -99,7 +109,7 @@ def fit(runs: Sequence[StudentRun], loader: MemoryLoader | StreamLoader, epochs:
                 bar.update(1)
 
 
-def cached_soft(batch: Batch) -> torch.Tensor | None:
+def cached_soft(batch: Batch) -> Soft | None:
     """Soft labels as the cache stores them: the offline distillation this library is for."""
     return batch.soft
 

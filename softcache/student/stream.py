@@ -59,7 +59,7 @@ from torch.utils.data import DataLoader
 from softcache.cache import store
 from softcache.cache.store import Cache, Split
 from softcache.errors import CacheError, UsageError
-from softcache.student._batch import Batch, views_of
+from softcache.student._batch import Batch, distributed_rank, views_of
 from softcache.student._chunks import BufferStream, ChunkSource, Piece, RowBuffer
 from softcache.student._prefetch import Prefetcher
 
@@ -76,12 +76,6 @@ def _row_bytes(array: Any) -> int:
 
 def _is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
-
-
-def _distributed_rank() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 @dataclass(frozen=True)
@@ -141,7 +135,7 @@ class StreamLoader:
         if chosen is None:
             raise CacheError(f"{opened.url}: no {split!r} split")
         split_data: Split = chosen
-        default_rank, default_world = _distributed_rank()
+        default_rank, default_world = distributed_rank()
         rank = default_rank if rank is None else rank
         world_size = default_world if world_size is None else world_size
         if not 0 <= rank < world_size:

@@ -27,6 +27,10 @@ from softcache.errors import CacheError, UsageError
 from softcache.student import _checks, _results
 from softcache.student.loaders import open_loader
 from softcache.student.run import cached_soft, fit, make_run
+from softcache.student.loaders import MemoryLoader
+from softcache.student.sequence import TOKEN_SCORES, SequenceLoader, open_sequence_loader
+from softcache.student.sequence import evaluation as tokens_evaluation
+from softcache.student.sequence import score as score_tokens
 from softcache.student.stream import StreamLoader
 from softcache.views import cache_replay
 from softcache.weights import resolve_device
@@ -97,29 +101,47 @@ def train(
     _checks.check_temperature(opened)
     device = resolve_device(cfg.device)
     policy = trust if isinstance(trust, Trust) else Trust.from_user(cache_specs=bool(trust))
-    require_trusted(_checks.recorded_code(opened, data, eval_data), policy)
-    inputs, data_labels = _train_inputs(opened, data, policy)
-    labels = _checks.training_labels(opened, data_labels)
-    _checks.check_known_labels(opened, labels, configs)
-    loader = open_loader(opened, inputs=inputs, batch_size=cfg.batch_size, shuffle_seed=cfg.shuffle_seed, device=device,
-                         mode=cfg.loader, memory_budget=cfg.memory_budget, buffer_chunks=cfg.buffer_chunks,
-                         workers=cfg.workers, start_method=cfg.start_method, replay=cache_replay(opened, inputs, policy),
-                         labels=labels)
+    sequence = opened.manifest.kind == "sequence"
+    if sequence:  # token rows: everything comes from the cache, nothing recorded runs
+        _checks.check_compact_temperature(opened, configs)
+        loader: MemoryLoader | StreamLoader | SequenceLoader = open_sequence_loader(opened, cfg, device)
+        probe = loader.probe()
+    else:
+        if opened.manifest.storage.mode != "full":
+            raise UsageError(f"{opened.location}: training classified samples from {opened.manifest.storage.mode} "
+                             "storage is not supported by this version; rebuild the cache with --storage full")
+        require_trusted(_checks.recorded_code(opened, data, eval_data), policy)
+        inputs, data_labels = _train_inputs(opened, data, policy)
+        labels = _checks.training_labels(opened, data_labels)
+        _checks.check_known_labels(opened, labels, configs)
+        loader = open_loader(opened, inputs=inputs, batch_size=cfg.batch_size, shuffle_seed=cfg.shuffle_seed,
+                             device=device, mode=cfg.loader, memory_budget=cfg.memory_budget,
+                             buffer_chunks=cfg.buffer_chunks, workers=cfg.workers, start_method=cfg.start_method,
+                             replay=cache_replay(opened, inputs, policy), labels=labels)
+        probe = inputs[:2]
     seconds: dict[str, float] = {}
     try:
         _checks.check_finite(opened, loader)
-        evaluation = _eval_set(opened, eval_data, policy)
-        if evaluation is not None:
-            _checks.check_label_range(evaluation[1], opened.num_classes, "the evaluation data's labels")
-        runs = [make_run(c, opened.num_classes, inputs[:2], device, policy) for c in configs]
+        if sequence:
+            held_out = tokens_evaluation(opened)
+        else:
+            evaluation = _eval_set(opened, eval_data, policy)
+            if evaluation is not None:
+                _checks.check_label_range(evaluation[1], opened.num_classes, "the evaluation data's labels")
+        runs = [make_run(c, opened.num_classes, probe, device, policy) for c in configs]
         seconds["prepare"] = time.perf_counter() - start
-        fit(runs, loader, cfg.epochs, cached_soft, opened.temperature, progress=progress, group=cfg.group)
+        # stacking is for classifiers; causal LMs (token rows) step one by one
+        fit(runs, loader, cfg.epochs, cached_soft, opened.temperature, progress=progress, group=cfg.group and not sequence)
         seconds["train"] = time.perf_counter() - start - seconds["prepare"]
     finally:
         if isinstance(loader, StreamLoader):
             loader.close()
     mark = time.perf_counter()
-    scores = _results.evaluate(runs, evaluation, device)
+    if sequence:
+        scores = [score_tokens(run.model, held_out, device) if held_out is not None else
+                  dict.fromkeys(TOKEN_SCORES) for run in runs]
+    else:
+        scores = _results.evaluate(runs, evaluation, device)
     seconds["evaluate"], mark = time.perf_counter() - mark, time.perf_counter()
     names = _unique_names(configs)
     if out is None:

@@ -35,12 +35,14 @@ from softcache.cache.manifest import (
     DatasetSource,
     Layout,
     Manifest,
+    SequenceInfo,
     Spec,
     StorageInfo,
     SynthesisSource,
     TeacherInfo,
     ViewInfo,
     compute_cache_key,
+    format_version,
     now_iso,
 )
 from softcache.cache.location import Location, record_location, record_value
@@ -49,12 +51,21 @@ from softcache.cache.trust import Trust
 from softcache.weights import load_model, num_parameters, probe_model, resolve_device, weights_digest
 from softcache.cache.writer import ChunkWriter, Deferred
 from softcache.teacher.label import RowBlock, stored_arrays, teacher_logits
+from softcache.teacher import sequence as seq
+from softcache.sequences import is_sequence_dataset
 
-def storage_info(storage: str, dtype: str) -> StorageInfo:
-    """A ``storage`` option (checked by ``BuildOptions``: only ``full`` is supported) as the
-    manifest records it."""
+def storage_info(storage: str, dtype: str, classes: int | None = None) -> StorageInfo:
+    """A ``storage`` option (its form checked by ``BuildOptions``) as the manifest records it,
+    for a teacher of ``classes`` classes (a compact mode must keep fewer than all of them)."""
     mode, _, k = storage.partition(":")
-    return StorageInfo(mode=mode, k=int(k) if k else None, dtype=dtype)  # type: ignore[arg-type]
+    if mode == "full":
+        return StorageInfo(dtype=dtype)  # type: ignore[arg-type]
+    kept = int(k)
+    if classes is not None and kept >= classes:
+        raise UsageError(f"storage {storage}: K={kept} keeps every one of the teacher's {classes} classes; "
+                         f"use --storage full, or K < {classes}")
+    return StorageInfo(mode=mode, k=kept, dtype=dtype, id_dtype=layout.id_dtype(classes or 1 << 31),  # type: ignore[arg-type]
+                       values="logprobs")
 
 
 def teacher_info(teacher: nn.Module, spec: Spec | None) -> TeacherInfo:
@@ -107,6 +118,7 @@ def make_manifest(
     chunk_rows: int,
     shard_chunks: int,
     eval_source: DatasetSource | None = None,
+    sequence: SequenceInfo | None = None,
 ) -> Manifest:
     if temperature <= 0 or not math.isfinite(temperature):
         raise UsageError(f"temperature must be a positive number, not {temperature}")
@@ -118,7 +130,11 @@ def make_manifest(
     shard_rows = chunk_rows * shard_chunks
     from softcache.cache.manifest import EvalSplit
 
+    kind = "sequence" if sequence is not None else "sample"
     return Manifest(
+        schema_version=format_version(kind, storage),
+        kind=kind,
+        sequence=sequence,
         teacher=teacher,
         source=source,
         classes=classes,
@@ -134,7 +150,7 @@ def make_manifest(
         ),
         eval=EvalSplit(source=eval_source, rows=eval_source.num_samples) if eval_source else None,
         status=BuildStatus(started_at=now_iso(), softcache_version=__version__),
-        cache_key=compute_cache_key(teacher, source, classes, temperature, storage, views, eval_source),
+        cache_key=compute_cache_key(teacher, source, classes, temperature, storage, views, eval_source, sequence),
     )
 
 
@@ -158,8 +174,7 @@ def recorded_manifest(manifest: Manifest, cache: Location) -> Manifest:
             source.spec = _recorded_spec(source.spec, cache)
             source.info = record_value(source.info, cache)
     m.views.augment = _recorded_spec(m.views.augment, cache)
-    m.cache_key = compute_cache_key(m.teacher, m.source, m.classes, m.temperature, m.storage, m.views,
-                                    m.eval.source if m.eval is not None else None)
+    m.cache_key = m.key()
     return m
 
 
@@ -243,6 +258,8 @@ def build(
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise CacheError("dataset is empty: nothing to cache")
     eval_set, eval_spec = load_dataset(eval_data) if eval_data is not None else (None, None)
+    if is_sequence_dataset(dataset):
+        return _build_sequences(model, dataset, data_spec, eval_set, eval_spec, teacher_spec, out, cfg, dev, progress)
     probe_x, _ = next(batches(dataset, range(min(2, len(dataset))), 2))  # type: ignore[arg-type]
     probe = probe_model(model, probe_x, dev)
     if probe.ndim != 2:
@@ -266,6 +283,29 @@ def build(
     batch_size = cfg.batch_size
     return run_build(out, model, plan, block_source(dataset, batch_size, aug, view_info),
                      (lambda rows: dataset_blocks(eval_set, rows, batch_size)) if eval_set is not None else None,
+                     device=dev, overwrite=cfg.overwrite, progress=progress, shard=cfg.shard, resume=cfg.resume)
+
+
+def _build_sequences(model: nn.Module, dataset: Dataset, data_spec: Spec | None, eval_set: Dataset | None,
+                     eval_spec: Spec | None, teacher_spec: Spec | None, out: str, cfg: BuildConfig,
+                     dev: torch.device, progress: bool) -> store.Cache:
+    """:func:`build` for token rows: one soft label per position, no views (``teacher.sequence``)."""
+    seq.check_plain(cfg.views, cfg.augment)
+    rows, held_out = seq.token_rows(dataset, eval_set)
+    vocab = seq.probe_vocab(model, rows, dev)
+    info = seq.sequence_info(rows, vocab, held_out)
+
+    def manifest_with(chunk_rows: int) -> Manifest:
+        return make_manifest(
+            teacher_info(model, teacher_spec), describe(rows, data_spec), vocab, None, [rows.length],
+            temperature=cfg.temperature, storage=storage_info(cfg.storage, cfg.dtype, vocab), views=ViewInfo(),
+            chunk_rows=chunk_rows, shard_chunks=cfg.shard_chunks,
+            eval_source=describe(held_out, eval_spec) if held_out is not None else None, sequence=info)
+
+    manifest = manifest_with(seq.chunk_rows(cfg.chunk_rows, layout.row_bytes(manifest_with(cfg.chunk_rows))))
+    batch = seq.teacher_batch(cfg.batch_size, rows.length, vocab)
+    return run_build(out, model, BuildPlan(manifest=manifest), seq.sequence_blocks(rows, batch),
+                     seq.sequence_blocks(held_out, batch) if held_out is not None else None,
                      device=dev, overwrite=cfg.overwrite, progress=progress, shard=cfg.shard, resume=cfg.resume)
 
 

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from softcache.cache import layout
-from softcache.cache.manifest import Manifest
+from softcache.cache.manifest import Manifest, StorageInfo
 from softcache.errors import CacheError
+from softcache.weights import output_logits
 
 
 def teacher_stats(logits: torch.Tensor) -> dict[str, np.ndarray]:
@@ -45,37 +46,59 @@ def check_finite(logits: torch.Tensor, first_row: int) -> None:
 @dataclass
 class RowBlock:
     """What a producer hands the build for consecutive rows: inputs, labels, sample ids,
-    and optional view parameters ``(n, V, P)`` and views already applied ``(n, V, ...)``."""
+    and optional view parameters ``(n, V, P)`` and views already applied ``(n, V, ...)``.
+
+    A block of token rows (``sequence``) has ``(n, L)`` token ids as inputs, no labels, and its
+    ``tokens``/``loss_mask`` arrays in ``extra``."""
 
     inputs: torch.Tensor
-    labels: torch.Tensor
+    labels: torch.Tensor | None
     sample_index: np.ndarray
     views: torch.Tensor | None = None
     view_params: np.ndarray | None = None
     extra: dict[str, np.ndarray] = field(default_factory=dict)
+    sequence: bool = False
 
 
 @torch.no_grad()
 def teacher_logits(teacher: nn.Module, block: RowBlock, device: torch.device) -> torch.Tensor:
-    """The teacher's float32 logits ``(n, V, C)`` for every view of a block, on the CPU: the only
-    part of labelling that needs the teacher (and so the only part the teacher's loop waits for)."""
+    """The teacher's float32 logits ``(n, V, C)`` for every view of a block (``(n, L, C)`` for
+    every position of token rows), on the CPU: the only part of labelling that needs the teacher
+    (and so the only part the teacher's loop waits for)."""
+    if block.sequence:
+        return output_logits(teacher(block.inputs.to(device))).float().cpu()
     views = block.views if block.views is not None else block.inputs.unsqueeze(1)
     n, v = views.shape[:2]
-    return teacher(views.reshape(n * v, *views.shape[2:]).to(device)).float().cpu().reshape(n, v, -1)
+    return output_logits(teacher(views.reshape(n * v, *views.shape[2:]).to(device))).float().cpu().reshape(n, v, -1)
+
+
+def compact(scaled: torch.Tensor, storage: StorageInfo) -> dict[str, np.ndarray]:
+    """The stored form of ``z / T`` ``(..., C)`` float32 under ``storage``.
+
+    ``full`` keeps every value. ``topk`` keeps the ``k`` most probable classes' ids and
+    log-probabilities at T, largest first, and the probability mass of all the others, computed
+    in float32 from the full distribution before anything is rounded."""
+    if storage.mode == "full":
+        return {layout.SOFT: scaled.numpy().astype(storage.dtype)}
+    logp = torch.log_softmax(scaled, dim=-1)
+    values, ids = logp.topk(int(storage.k or 0), dim=-1)
+    rest = (1.0 - values.exp().sum(-1)).clamp_(min=0.0)
+    return {layout.SOFT: values.numpy().astype(storage.dtype), layout.SOFT_IDS: ids.numpy().astype(storage.id_dtype),
+            layout.SOFT_REST: rest.numpy()}
 
 
 def block_arrays(logits: torch.Tensor, block: RowBlock, first_row: int, temperature: float,
-                 dtype: str) -> dict[str, np.ndarray]:
+                 dtype: str, storage: StorageInfo | None = None) -> dict[str, np.ndarray]:
     """The arrays to store for a block, from its teacher logits ``(n, V, C)``: soft labels
-    ``z / T`` in the storage dtype, statistics at T=1, and the block's own arrays. Pure CPU work
-    on tensors the teacher no longer touches, so the build runs it in the writer thread."""
+    ``z / T`` in the storage form (``storage``, default full in ``dtype``), statistics at T=1,
+    and the block's own arrays. Pure CPU work on tensors the teacher no longer touches, so the
+    build runs it in the writer thread."""
     n, v = logits.shape[:2]
     check_finite(logits.reshape(n, -1), first_row)
-    out = {
-        layout.SOFT: (logits / temperature).numpy().astype(dtype),
-        layout.INDEX: block.sample_index.astype(np.int64),
-        layout.LABELS: block.labels.to(torch.int64).numpy(),
-    }
+    out = compact(logits / temperature, storage or StorageInfo(dtype=dtype))  # type: ignore[arg-type]
+    out[layout.INDEX] = block.sample_index.astype(np.int64)
+    if block.labels is not None:
+        out[layout.LABELS] = block.labels.to(torch.int64).numpy()
     out.update({k: a.reshape(n, v) for k, a in teacher_stats(logits.reshape(n * v, -1)).items()})
     if block.view_params is not None:
         out[layout.VIEW_PARAMS] = block.view_params.astype(np.float32)
@@ -93,7 +116,7 @@ def stored_arrays(logits: torch.Tensor, block: RowBlock, first_row: int, manifes
                   store_inputs: bool) -> dict[str, np.ndarray]:
     """What the build stores for a block: :func:`block_arrays` plus, when the cache keeps them,
     the block's raw inputs."""
-    arrays = block_arrays(logits, block, first_row, manifest.temperature, manifest.storage.dtype)
-    if store_inputs:  # the raw inputs; augmented views are re-created from them and view_params
+    arrays = block_arrays(logits, block, first_row, manifest.temperature, manifest.storage.dtype, manifest.storage)
+    if store_inputs and not block.sequence:  # the raw inputs; augmented views are re-created from them and view_params
         arrays[layout.INPUTS] = block.inputs.to(torch.float32).numpy()
     return arrays
