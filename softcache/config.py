@@ -217,6 +217,7 @@ class StudentConfig(_Model):
             kind = f"hard ls={self.label_smoothing:g}" if self.label_smoothing else "hard"
         else:
             kind = f"kd T={self.temperature:g} a={self.alpha:g}"
+            kind += f" {self.leftover}" if self.leftover != "bucket" else ""
         return f"{base} {kind} s{self.seed}"
 
 
@@ -237,16 +238,22 @@ class StudentGrid(_Model):
     weight_decay: list[float] = Field(default=[student_default("weight_decay")], min_length=1)
     label_smoothing: list[float] = Field(default=[student_default("label_smoothing")], min_length=1)
     seed: list[int] = Field(default=[student_default("seed")], min_length=1)
+    leftover: list[Literal["bucket", "label", "renormalize"]] = Field(default=[student_default("leftover")],
+                                                                       min_length=1)
 
     def expand(self) -> list[StudentConfig]:
-        """The students in grid order (spec, T, alpha, lr, weight decay, label smoothing, seed),
-        duplicates dropped. Each is validated: a bad value raises pydantic's ValidationError."""
+        """The students in grid order (spec, T, alpha, lr, weight decay, label smoothing, seed,
+        leftover), duplicates dropped. Each is validated: a bad value raises pydantic's
+        ValidationError. A student without a soft term (alpha 0) has no leftover to treat, so it
+        appears once (with the first)."""
         configs: list[StudentConfig] = []
         seen: set[str] = set()
-        for spec, t, a, lr, wd, ls, seed in product(self.spec, self.temperature, self.alpha, self.lr,
-                                                    self.weight_decay, self.label_smoothing, self.seed):
+        for spec, t, a, lr, wd, ls, seed, rest in product(self.spec, self.temperature, self.alpha, self.lr,
+                                                          self.weight_decay, self.label_smoothing, self.seed,
+                                                          self.leftover):
             cfg = StudentConfig(spec=spec, temperature=t if a > 0 else self.temperature[0], alpha=a, lr=lr,
-                                weight_decay=wd, label_smoothing=ls, seed=seed)
+                                weight_decay=wd, label_smoothing=ls, seed=seed,
+                                leftover=rest if a > 0 else self.leftover[0])
             key = cfg.model_dump_json()
             if key not in seen:
                 seen.add(key)

@@ -1,0 +1,184 @@
+"""Token-sequence caches: what a build stores per position, the top-k losses, and training a
+causal-LM student from the cache alone."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import zarr
+
+import lmkit
+import softcache
+from softcache.cache.store import Cache
+from softcache.config import StudentConfig, TrainConfig
+from softcache.errors import CacheError, UsageError
+from softcache.student._batch import TopK
+from softcache.student.loss import distillation_loss, topk_kl
+
+T = 1.0
+
+
+@pytest.fixture(scope="module")
+def teacher() -> torch.nn.Module:
+    return lmkit.teacher()
+
+
+def _build(teacher: torch.nn.Module, out: Path, storage: str) -> Cache:
+    return softcache.build(teacher, lmkit.rows(), str(out), eval_data=lmkit.rows(n=16, split="eval"),
+                           storage=storage, temperature=T, progress=False, chunk_rows=16)
+
+
+@pytest.fixture(scope="module")
+def full_cache(teacher: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Cache:
+    return _build(teacher, tmp_path_factory.mktemp("seq") / "full.zarr", "full")
+
+
+@pytest.fixture(scope="module")
+def topk_cache(teacher: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Cache:
+    return _build(teacher, tmp_path_factory.mktemp("seq") / "topk.zarr", "topk:8")
+
+
+def test_full_storage_holds_every_position_logits_over_t(full_cache: Cache, teacher: torch.nn.Module) -> None:
+    rows = lmkit.rows()
+    with torch.no_grad():
+        want = (teacher(rows.tokens) / T).numpy()
+    stored = full_cache.train.read("soft_labels")
+    assert stored.shape == (48, 16, 64) and stored.dtype == np.float16
+    np.testing.assert_allclose(stored.astype(np.float32), want, rtol=1e-3, atol=2e-3)
+    assert np.array_equal(full_cache.train.read("tokens"), rows.tokens.numpy())
+    assert full_cache.train.read("loss_mask").all()
+    assert full_cache.train.read("stats/prediction").shape == (48, 16)
+
+
+def test_topk_storage_keeps_the_k_largest_with_the_leftover_mass(topk_cache: Cache, teacher: torch.nn.Module) -> None:
+    rows = lmkit.rows()
+    with torch.no_grad():
+        logp = torch.log_softmax(teacher(rows.tokens) / T, -1)
+    ids = topk_cache.train.read("soft_ids")
+    values = topk_cache.train.read("soft_labels").astype(np.float32)
+    rest = topk_cache.train.read("soft_rest")
+    assert ids.dtype == np.uint16 and ids.shape == (48, 16, 8)
+    want_values, want_ids = logp.topk(8, -1)
+    assert np.array_equal(ids.astype(np.int64), want_ids.numpy())
+    np.testing.assert_allclose(values, want_values.numpy(), atol=1e-2)
+    outside = 1 - want_values.exp().sum(-1)
+    np.testing.assert_allclose(rest, outside.numpy(), atol=1e-6)
+    assert (rest > 0.01).any()  # the teacher is not one-hot: the leftover matters
+
+
+def test_manifest_records_the_sequence_section(topk_cache: Cache, full_cache: Cache) -> None:
+    m = topk_cache.manifest
+    assert (m.kind, m.schema_version, m.sequence.length, m.sequence.vocab_size) == ("sequence", 2, 16, 64)
+    assert m.sequence.tokenizer.name == "lmkit" and m.sequence.packing["method"] == "synthetic"
+    assert (m.storage.mode, m.storage.k, m.storage.id_dtype, m.storage.values) == ("topk", 8, "uint16", "logprobs")
+    assert full_cache.manifest.cache_key != m.cache_key
+    assert softcache.validate(topk_cache.url, deep=True)["valid"]
+
+
+def test_a_plain_sample_cache_stays_format_version_1(cache: Cache) -> None:
+    raw = json.loads((Path(cache.url) / "zarr.json").read_text())["attributes"]["softcache"]
+    assert raw["schema_version"] == 1
+    assert "kind" not in raw and "sequence" not in raw and set(raw["storage"]) == {"mode", "k", "dtype"}
+    assert cache.manifest.key() == cache.manifest.cache_key
+
+
+def test_numpy_rebuilds_the_teacher_distribution_at_one_position(topk_cache: Cache, teacher: torch.nn.Module) -> None:
+    """The README's recipe, with zarr and numpy only."""
+    group = zarr.open_group(topk_cache.url, mode="r")
+    meta = group.attrs["softcache"]
+    row, pos, vocab = 5, 3, meta["sequence"]["vocab_size"]
+    ids = group["soft_ids"][row, pos].astype(np.int64)
+    p = np.exp(group["soft_labels"][row, pos].astype(np.float64))
+    rest = float(group["soft_rest"][row, pos])
+    dist = np.full(vocab, rest / (vocab - len(ids)))  # the leftover spread over the classes not kept
+    dist[ids] = p
+    with torch.no_grad():
+        want = torch.softmax(teacher(lmkit.rows().tokens[row : row + 1]) / meta["temperature"], -1)[0, pos].numpy()
+    assert abs(dist.sum() - 1) < 1e-2
+    np.testing.assert_allclose(dist[ids], want[ids], atol=2e-3)
+
+
+def _topk(logits: torch.Tensor, k: int) -> TopK:
+    logp = torch.log_softmax(logits, -1)
+    values, ids = logp.topk(k, -1)
+    return TopK(ids, values, (1 - values.exp().sum(-1)).clamp(min=0))
+
+
+def test_bucket_leftover_is_the_kl_of_the_coarsened_distributions() -> None:
+    gen = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(6, 20, generator=gen) * 2, torch.randn(6, 20, generator=gen)
+    soft = _topk(teacher, 5)
+    log_q = torch.log_softmax(student, -1)
+    got = topk_kl(log_q, soft, None, "bucket")
+    p, q = teacher.softmax(-1), log_q.exp()
+    kept = torch.zeros_like(p, dtype=torch.bool).scatter(1, soft.ids, True)
+    pc = torch.cat([torch.where(kept, p, 0), (p * ~kept).sum(1, keepdim=True)], 1)
+    qc = torch.cat([torch.where(kept, q, 0), (q * ~kept).sum(1, keepdim=True)], 1)
+    want = (torch.where(pc > 0, pc * (pc.log() - qc.clamp(min=1e-30).log()), 0)).sum() / 6
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_topk_of_every_class_is_full_kd() -> None:
+    gen = torch.Generator().manual_seed(1)
+    teacher, student = torch.randn(4, 7, generator=gen), torch.randn(4, 7, generator=gen, requires_grad=True)
+    full = distillation_loss(student, teacher, None, temperature=1.0, alpha=1.0)
+    compact = distillation_loss(student, _topk(teacher, 7), None, temperature=1.0, alpha=1.0)
+    assert torch.allclose(full, compact, atol=1e-5)
+
+
+def test_label_and_renormalize_leftovers() -> None:
+    gen = torch.Generator().manual_seed(2)
+    teacher, student = torch.randn(3, 9, generator=gen), torch.randn(3, 9, generator=gen)
+    soft, log_q = _topk(teacher, 3), torch.log_softmax(student, -1)
+    labels = torch.tensor([0, 1, -1])
+    got = topk_kl(log_q, soft, labels, "label")
+    p = soft.logp.exp()
+    ce = -(p * log_q.gather(1, soft.ids)).sum(1)
+    to_label = torch.stack([log_q[0, 0], log_q[1, 1], torch.log1p(-log_q[2].gather(0, soft.ids[2]).exp().sum())])
+    entropy = (p * soft.logp).sum(1) + soft.rest * soft.rest.log()
+    assert torch.allclose(got, (ce - soft.rest * to_label + entropy).mean(), atol=1e-5)
+    renorm = topk_kl(log_q, soft, None, "renormalize")
+    pn = p / p.sum(1, keepdim=True)
+    assert torch.allclose(renorm, (pn * (pn.log() - log_q.gather(1, soft.ids))).sum(1).mean(), atol=1e-5)
+
+
+def test_distilling_from_the_topk_cache_beats_cross_entropy(topk_cache: Cache) -> None:
+    students = [StudentConfig(spec="lmkit:student", alpha=0.0, lr=0.03, seed=s) for s in (0, 1)] + \
+               [StudentConfig(spec="lmkit:student", alpha=0.8, temperature=T, lr=0.03, seed=s) for s in (0, 1)]
+    board = softcache.train(topk_cache, students, config=TrainConfig(epochs=8, batch_size=16), progress=False).leaderboard
+    assert {"bits_per_token", "perplexity", "accuracy", "teacher_agreement"} <= set(board.columns)
+    bits = {a: board.filter(board["alpha"] == a)["bits_per_token"].mean() for a in (0.0, 0.8)}
+    assert bits[0.8] < bits[0.0]
+    assert board["bits_per_token"].to_list() == sorted(board["bits_per_token"].to_list())
+    row = board.row(0, named=True)
+    assert math.isclose(row["perplexity"], 2 ** row["bits_per_token"], rel_tol=1e-9)
+    assert 0 < row["teacher_agreement"] <= 1
+
+
+def test_a_student_of_another_vocabulary_is_refused(topk_cache: Cache) -> None:
+    with pytest.raises(CacheError, match="vocabulary has 64 tokens") as info:
+        softcache.train(topk_cache, StudentConfig(spec="lmkit:student,vocab=80", temperature=T), progress=False)
+    assert "\n" not in str(info.value)
+
+
+def test_a_topk_cache_trains_only_at_its_own_temperature(topk_cache: Cache) -> None:
+    with pytest.raises(UsageError, match="T=1"):
+        softcache.train(topk_cache, StudentConfig(spec="lmkit:student", temperature=4.0), progress=False)
+
+
+def test_stats_and_inspect_speak_of_positions_and_tokens(topk_cache: Cache) -> None:
+    stats = topk_cache.train.stats()
+    assert {"position", "token", "target", "prediction", "correct"} <= set(stats.columns)
+    assert len(stats) == 48 * 16
+    assert stats.filter(stats["position"] == 15)["target"].to_list() == [-1] * 48
+    from softcache.cache.summary import summarize
+
+    info = summarize(topk_cache)
+    per_token = 8 * 2 + 8 * 2 + 4  # values (fp16), ids (uint16), leftover (fp32)
+    assert info["kind"] == "sequence" and info["bytes_per_token"] == pytest.approx(per_token)
