@@ -178,3 +178,29 @@ def test_a_checkpoint_directory_names_its_tokenizer(gpt2_checkpoint: Path, tmp_p
     assert "has no tokenizer.json" in one_line_error(UsageError, tokenizer, tmp_path)
     (tmp_path / "broken.json").write_text("{\"model\": 3}")
     assert "not a readable tokenizers" in one_line_error(UsageError, tokenizer, tmp_path / "broken.json")
+
+
+def test_a_local_checkpoint_is_teacher_and_student_end_to_end(gpt2_checkpoint: Path, llama_checkpoint: Path,
+                                                              tmp_path: Path) -> None:
+    """Build a top-k sequence cache with a transformers teacher, train a transformers student from
+    it: the SPEC is all either needs, and the cache records the teacher SPEC redacted of nothing
+    secret (a local path)."""
+    import softcache
+    from softcache.config import StudentConfig, TrainConfig
+    from softcache.sequences import TokenRows
+
+    gen = torch.Generator().manual_seed(0)
+    rows = TokenRows(torch.randint(2, 300, (24, 12), generator=gen))
+    held_out = TokenRows(torch.randint(2, 300, (8, 12), generator=gen))
+    teacher = f"softcache.hf:causal_lm,path={gpt2_checkpoint}"
+    cache = softcache.build(teacher, rows, str(tmp_path / "c.zarr"), eval_data=held_out, storage="topk:16",
+                            temperature=1.0, progress=False)
+    assert cache.manifest.kind == "sequence" and cache.manifest.sequence.vocab_size == 512
+    assert cache.manifest.teacher.spec.target == "softcache.hf:causal_lm"
+    student = StudentConfig(spec=f"softcache.hf:causal_lm,path={llama_checkpoint},pretrained=false",
+                            temperature=1.0, alpha=0.5, lr=1e-3)
+    result = softcache.train(cache, student, config=TrainConfig(epochs=2, batch_size=8), out_dir=tmp_path / "out",
+                             progress=False)
+    row = result.leaderboard.row(0, named=True)
+    assert row["bits_per_token"] > 0 and 0 <= row["teacher_agreement"] <= 1
+    assert Path(row["weights"]).exists()

@@ -163,11 +163,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from softcache.config import StudentGrid, TrainConfig
+    from softcache.student._distributed import main_process
     from softcache.student.train import train
 
     try:
         students = StudentGrid(spec=args.student, temperature=args.temperature, alpha=args.alpha, lr=args.lr,
-                               seed=args.seed, label_smoothing=[args.label_smoothing]).expand()
+                               seed=args.seed, label_smoothing=[args.label_smoothing],
+                               leftover=args.leftover).expand()
         config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, shuffle_seed=args.shuffle_seed, device=args.device,
                              loader=args.loader, memory_budget=_size(args.memory_budget), buffer_chunks=args.buffer_chunks,
                              workers=args.workers, start_method=args.start_method, group=not args.no_group)
@@ -182,8 +184,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cache = open_cache(args.cache, allow_incomplete=args.allow_incomplete)
     result = train(cache, students, data=args.data, eval_data=args.eval_data, out_dir=_local_dir(args.out), config=config,
                    progress=not args.quiet, trust=_trust(args), overwrite=args.overwrite)
-    emit({"leaderboard": result.leaderboard.to_dicts(), "out": args.out, "seconds": result.seconds}, args.json,
-         fmt.format_board(result.leaderboard))
+    if main_process():  # under torchrun every rank returns the same leaderboard; one prints it
+        emit({"leaderboard": result.leaderboard.to_dicts(), "out": args.out, "seconds": result.seconds}, args.json,
+             fmt.format_board(result.leaderboard))
     return 0
 
 

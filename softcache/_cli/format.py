@@ -43,9 +43,10 @@ def _in_percent(frame: Any, columns: Sequence[str]) -> Any:
 
 def format_board(board: Any) -> str:
     """A leaderboard: the columns that matter, accuracies in percent."""
-    cols = ["student", "parameters", "temperature", "alpha", "label_smoothing", "test_accuracy", "teacher_agreement"]
+    cols = ["student", "parameters", "temperature", "alpha", "label_smoothing", "test_accuracy", "bits_per_token",
+            "perplexity", "accuracy", "teacher_agreement"]
     view = board.select([c for c in cols if c in board.columns])
-    return _table(_in_percent(view, ("test_accuracy", "teacher_agreement")))
+    return _table(_in_percent(view, ("test_accuracy", "accuracy", "teacher_agreement")))
 
 
 def format_datafree(board: Any) -> str:
@@ -56,9 +57,16 @@ def format_datafree(board: Any) -> str:
 
 def class_stats(frame: Any) -> Any:
     """``stats``: per predicted class, how many rows, the mean confidence figures, and the
-    precision (of the rows the teacher predicted as this class, the fraction whose label is it)."""
+    precision (of the rows the teacher predicted as this class, the fraction whose label is it).
+    For token rows, per position instead (a vocabulary is too long a table): how the teacher's
+    confidence and next-token accuracy grow with the context it has seen."""
     import polars as pl
 
+    if "position" in frame.columns:
+        return frame.group_by("position").agg(
+            pl.len().alias("rows"), pl.col("max_prob").mean(), pl.col("entropy").mean(), pl.col("margin").mean(),
+            pl.col("correct").mean().alias("accuracy"),
+        ).sort("position")
     return frame.group_by("prediction").agg(
         pl.len().alias("rows"), pl.col("max_prob").mean(), pl.col("entropy").mean(), pl.col("margin").mean(),
         pl.col("correct").mean().alias("precision"),
@@ -71,7 +79,9 @@ def format_stats(frame: Any) -> str:
 
     labelled = frame.filter(pl.col("correct").is_not_null())
     overall = (f"overall accuracy {pct(float(labelled['correct'].mean()))} ({int(labelled['correct'].sum())} of "
-               f"{labelled.height} labelled rows: teacher top-1 = label)" if labelled.height else
+               f"{labelled.height} labelled rows: teacher top-1 = label)" if labelled.height and "label" in frame.columns
+               else f"overall next-token accuracy {pct(float(labelled['correct'].mean()))} ({labelled.height} "
+               "positions with a next token)" if labelled.height else
                "overall accuracy - (no labelled rows)")
     with pl.Config(tbl_rows=-1, tbl_hide_dataframe_shape=True):
         return f"{class_stats(frame)}\n{overall}"
@@ -234,6 +244,10 @@ def format_report(r: dict[str, Any]) -> str:
         from softcache._bench.wide import format_wide
 
         rows += format_wide(r["wide"])
+    if "lm" in r:
+        from softcache._bench.lm import format_lm
+
+        rows += format_lm(r["lm"], target)
     width = max(len(a) for a, _, _ in rows)
     vwidth = max(len(b) for _, b, _ in rows)
     m, s = r["machine"], r["settings"]

@@ -161,6 +161,10 @@ def _train_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="one or more seeds of the students' initial weights")
     p.add_argument("--label-smoothing", type=float, default=student_default("label_smoothing"),
                    help="label smoothing of the hard-label term")
+    p.add_argument("--leftover", nargs="+", choices=["bucket", "label", "renormalize"],
+                   default=[student_default("leftover")],
+                   help="top-k caches: the leftover mass is an 'other' class (bucket), goes to the true label "
+                        "(label), or is dropped (renormalize: biased); one or more (a grid)")
     p.add_argument("--epochs", type=int, default=train_default["epochs"], help="passes over the cache")
     p.add_argument("--batch-size", type=int, default=train_default["batch_size"],
                    help="rows per step, the same batch for every student")

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from softcache.sequences import next_token_targets
+
 
 @dataclass
 class TopK:
@@ -45,6 +47,19 @@ class Batch:
     soft: Soft | None
     labels: torch.Tensor
     mask: torch.Tensor | None = None
+
+
+def token_batch(rows: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, values: torch.Tensor,
+                ids: torch.Tensor | None, rest: torch.Tensor | None, device: torch.device) -> Batch:
+    """A batch of token rows from their arrays as stored (narrow ids, float16 values), widened
+    here: the tokens are the student's input, the next-token targets its labels. Both loaders of
+    token rows (in RAM and streamed) build their batches here, so they serve the same batch."""
+    tokens, mask = tokens.to(device, torch.int64), mask.to(device)
+    soft: Soft = values.to(device, torch.float32)
+    if ids is not None and rest is not None:
+        soft = TopK(ids.to(device, torch.int64), soft, rest.to(device, torch.float32))
+    return Batch(rows=rows.to(device), inputs=tokens, soft=soft, labels=next_token_targets(tokens, mask),
+                 mask=mask > 0)
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:

@@ -1,6 +1,9 @@
 """The epoch plan of the streaming loader and the reading of chunk groups: which chunks a rank
-reads in an epoch, in which groups, and how a group is decoded (each chunk once, straight into
-one array) and shuffled. Picklable, so ``DataLoader`` workers read groups in other processes.
+reads in an epoch, in which groups, and how a group is decoded (each chunk of each streamed array
+once, straight into one array per name) and shuffled. A row is whatever named arrays the loader
+streams (a sample's soft labels and maybe inputs, a token row's tokens, mask and soft labels), so
+one code path serves both row kinds. Picklable, so ``DataLoader`` workers read groups in other
+processes.
 """
 
 from __future__ import annotations
@@ -47,16 +50,15 @@ def chunk_runs(chunks: np.ndarray, chunk_rows: int, rows: int) -> list[tuple[int
 
 @dataclass
 class RowBuffer:
-    """One decoded group of chunks, rows in storage order: row ids, soft labels ``(n, C)`` in the
-    stored dtype (the view this epoch shows), stored inputs when those are streamed, and the
-    shuffled ``order`` in which the rows are served (None: storage order). Keeping the order
-    apart, instead of permuting the arrays, saves a copy of the group."""
+    """One decoded group of chunks, rows in storage order: row ids, the streamed arrays by name
+    (each ``(n, ...)`` in its stored dtype; a sample cache's soft labels already show the view
+    this epoch shows), and the shuffled ``order`` in which the rows are served (None: storage
+    order). Keeping the order apart, instead of permuting the arrays, saves a copy of the group."""
 
     epoch: int
     index: int
     rows: torch.Tensor
-    soft: torch.Tensor
-    inputs: torch.Tensor | None
+    arrays: dict[str, torch.Tensor]
     order: torch.Tensor | None
 
     def __len__(self) -> int:
@@ -65,16 +67,16 @@ class RowBuffer:
     def piece(self, start: int, stop: int) -> Piece:
         """Served rows ``start:stop`` (positions in the shuffled order), gathered."""
         sel: slice | torch.Tensor = slice(start, stop) if self.order is None else self.order[start:stop]
-        return Piece(self.rows[sel], self.soft[sel], self.inputs[sel] if self.inputs is not None else None)
+        return Piece(self.rows[sel], {name: values[sel] for name, values in self.arrays.items()})
 
 
 @dataclass
 class Piece:
-    """Rows of one batch, or of the part of a batch taken from one group."""
+    """Rows of one batch, or of the part of a batch taken from one group: row ids and the
+    streamed arrays by name."""
 
     rows: torch.Tensor
-    soft: torch.Tensor
-    inputs: torch.Tensor | None
+    arrays: dict[str, torch.Tensor]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -83,8 +85,8 @@ class Piece:
     def join(parts: list[Piece]) -> Piece:
         if len(parts) == 1:
             return parts[0]
-        inputs = torch.cat([p.inputs for p in parts]) if parts[0].inputs is not None else None  # type: ignore[misc]
-        return Piece(torch.cat([p.rows for p in parts]), torch.cat([p.soft for p in parts]), inputs)
+        return Piece(torch.cat([p.rows for p in parts]),
+                     {name: torch.cat([p.arrays[name] for p in parts]) for name in parts[0].arrays})
 
 
 def read_rows(array: Any, runs: list[tuple[int, int]]) -> np.ndarray:
@@ -100,15 +102,21 @@ def read_rows(array: Any, runs: list[tuple[int, int]]) -> np.ndarray:
 
 
 class ChunkSource:
-    """Reads chunk groups of one split. Picklable: the store is opened lazily in each process."""
+    """Reads chunk groups of one split: the arrays named ``names`` (layout names, every one
+    chunked by the same rows), row for row. The arrays in ``viewed`` have a view axis second
+    (``views`` views, a sample cache's soft labels) and show one view per row and epoch; the
+    others are served whole (a token row keeps every position). Picklable: the store is opened
+    lazily in each process."""
 
-    def __init__(self, url: str, split: str, *, rows: int, chunk_rows: int, views: int, stream_inputs: bool,
-                 seed: int, rank: int, world_size: int, buffer_chunks: int, shuffle: bool):
-        self.url, self.split, self.rows, self.chunk_rows, self.views = url, split, rows, chunk_rows, views
-        self.stream_inputs, self.seed, self.rank, self.world_size = stream_inputs, seed, rank, world_size
+    def __init__(self, url: str, split: str, *, rows: int, chunk_rows: int, names: tuple[str, ...],
+                 viewed: tuple[str, ...] = (), views: int = 1, seed: int, rank: int, world_size: int,
+                 buffer_chunks: int, shuffle: bool):
+        self.url, self.split, self.rows, self.chunk_rows = url, split, rows, chunk_rows
+        self.names, self.viewed, self.views = names, viewed, views
+        self.seed, self.rank, self.world_size = seed, rank, world_size
         self.buffer_chunks, self.shuffle = buffer_chunks, shuffle
         self.num_chunks = -(-rows // chunk_rows)
-        self._arrays: tuple[Any, Any] | None = None
+        self._arrays: dict[str, Any] | None = None
         self._pid = -1
 
     def __getstate__(self) -> dict[str, Any]:
@@ -116,12 +124,12 @@ class ChunkSource:
         state["_arrays"], state["_pid"] = None, -1
         return state
 
-    def _open(self) -> tuple[Any, Any]:
+    def _open(self) -> dict[str, Any]:
         if self._arrays is None or self._pid != os.getpid():
             group = store.open_group(self.url, "r")
             if self.split != "train":
                 group = group[self.split]
-            self._arrays = (group[store.SOFT], group[store.INPUTS] if self.stream_inputs else None)
+            self._arrays = {name: group[name] for name in self.names}
             self._pid = os.getpid()
         return self._arrays
 
@@ -134,29 +142,34 @@ class ChunkSource:
 
     def read(self, epoch: int, index: int, chunks: np.ndarray) -> RowBuffer:
         """Decode the chunks of one group (each once), pick this epoch's view, draw the row order."""
-        soft_arr, input_arr = self._open()
+        arrays = self._open()
         runs = chunk_runs(chunks, self.chunk_rows, self.rows)
         rows = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in runs])
-        soft = read_rows(soft_arr, runs)
-        soft = soft[np.arange(len(rows)), views_of(rows, epoch, self.views)] if self.views > 1 else soft[:, 0]
-        inputs = torch.from_numpy(read_rows(input_arr, runs)) if input_arr is not None else None
+        decoded: dict[str, torch.Tensor] = {}
+        for name, array in arrays.items():
+            values = read_rows(array, runs)
+            if name in self.viewed:
+                values = values[np.arange(len(rows)), views_of(rows, epoch, self.views)] if self.views > 1 \
+                    else values[:, 0]
+            decoded[name] = torch.from_numpy(values)
         order = None
         if self.shuffle:
             perm = np.random.default_rng([_SEED_TAG, self.seed, epoch, self.rank, index]).permutation(len(rows))
             order = torch.from_numpy(perm)
-        return RowBuffer(epoch, index, torch.from_numpy(rows), torch.from_numpy(soft), inputs, order)
+        return RowBuffer(epoch, index, torch.from_numpy(rows), decoded, order)
 
-    def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
-        """Every row, every view, in storage order, ``buffer_chunks`` chunks at a time: a pass
-        over the whole store that holds one group at a time, whatever the cache's size."""
-        soft_arr, _ = self._open()
+    def blocks(self, names: tuple[str, ...]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """The arrays ``names`` (every view), ``(first_row, {name: values})`` in storage order,
+        ``buffer_chunks`` chunks at a time: a pass over the whole store that holds one group of
+        those arrays at a time, whatever the cache's size."""
+        arrays = self._open()
         step = self.buffer_chunks
         for first in range(0, self.num_chunks, step):
             runs = chunk_runs(np.arange(first, min(first + step, self.num_chunks)), self.chunk_rows, self.rows)
-            yield runs[0][0], read_rows(soft_arr, runs)
+            yield runs[0][0], {name: read_rows(arrays[name], runs) for name in names}
 
     def empty(self, epoch: int, index: int) -> RowBuffer:
-        return RowBuffer(epoch, index, torch.zeros(0, dtype=torch.int64), torch.zeros(0), None, None)
+        return RowBuffer(epoch, index, torch.zeros(0, dtype=torch.int64), {}, None)
 
 
 class BufferStream(IterableDataset):

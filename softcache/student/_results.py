@@ -101,6 +101,11 @@ def _slug(name: str) -> str:
     return "".join(keep).strip("_")
 
 
+def weights_file(name: str) -> Path:
+    """Where a student's weights go inside the results folder."""
+    return Path("students") / f"{_slug(name)}.safetensors"
+
+
 def write_results(out: Path, runs: Sequence[StudentRun], names: Sequence[str], scores: Sequence[Score],
                   epochs: int, overwrite: bool) -> pl.DataFrame:
     """Write the weights and the leaderboard into a temporary folder, then move them into place:
@@ -124,7 +129,7 @@ def write_results(out: Path, runs: Sequence[StudentRun], names: Sequence[str], s
     try:
         weights: list[str | None] = []
         for run, name in zip(runs, names):
-            file = Path("students") / f"{_slug(name)}.safetensors"
+            file = weights_file(name)
             spec = run.config.spec
             save_model(run.model, staged / file, None if callable(spec) else spec)
             weights.append(str(out / file))

@@ -24,8 +24,8 @@ from softcache.cache import store
 from softcache.cache.store import Cache, Split
 from softcache.data import check_matches
 from softcache.errors import CacheError, UsageError
-from softcache.student._batch import Batch, epoch_permutation, views_of
-from softcache.student.stream import StreamLoader, StreamOptions
+from softcache.student._batch import Batch, distributed_rank, epoch_permutation, views_of
+from softcache.student.stream import StreamLoader, StreamOptions, data_parallel, token_arrays
 
 LoaderMode = Literal["auto", "memory", "stream"]
 MEMORY_BUDGET_ENV = "SOFTCACHE_MEMORY_BUDGET"
@@ -46,6 +46,10 @@ class MemoryLoader:
     ``soft`` may be held in the cache's storage dtype (``open_loader`` passes float16 as
     stored): a batch is gathered first and widened to float32 after, which is exact and moves a
     batch's bytes instead of converting the whole cache. Batches are float32 either way.
+
+    Under ``torch.distributed`` each rank yields its interleaved slice ``[rank::world]`` of every
+    global batch of ``batch_size`` rows (possibly empty for a short last batch), so the ranks
+    together see the batches one process sees (``student._distributed``).
     """
 
     def __init__(self, inputs: torch.Tensor, soft: torch.Tensor | None, labels: torch.Tensor, *,
@@ -59,6 +63,7 @@ class MemoryLoader:
         self.soft = soft.to(self.device) if soft is not None else None
         self.labels = labels.to(self.device)
         self.batch_size, self.shuffle_seed, self.shuffle = batch_size, shuffle_seed, shuffle
+        self.rank, self.world_size = distributed_rank()
 
     def __len__(self) -> int:
         return -(-len(self.inputs) // self.batch_size)
@@ -78,13 +83,18 @@ class MemoryLoader:
         single = self.soft[:, 0] if self.soft is not None and views == 1 else None
         for start in range(0, n, self.batch_size):
             rows = order[start : start + self.batch_size]
-            view = views_of(rows, epoch, views) if views > 1 else torch.zeros_like(rows)
+            if self.world_size > 1:
+                rows = rows[self.rank :: self.world_size]
+            view = views_of(rows, epoch, views) if views > 1 else None
             soft = None
             if single is not None:
                 soft = single.index_select(0, rows).to(torch.float32)
             elif self.soft is not None:
                 soft = self.soft[rows, view].to(torch.float32)
-            inputs = self.replay(rows, view) if self.replay is not None else self.inputs.index_select(0, rows)
+            if self.replay is not None:
+                inputs = self.replay(rows, view if view is not None else torch.zeros_like(rows))
+            else:
+                inputs = self.inputs.index_select(0, rows)
             yield Batch(rows=rows, inputs=inputs, soft=soft, labels=self.labels.index_select(0, rows))
 
 
@@ -154,8 +164,11 @@ def default_memory_budget() -> int:
     return min(4 * 2**30, ram // 2)
 
 
-def memory_bytes(split: Split, *, with_inputs: bool) -> int:
-    """Bytes ``memory`` mode holds for ``split``: float32 soft labels, plus stored inputs if read."""
+def memory_bytes(split: Split, *, with_inputs: bool = False) -> int:
+    """Bytes ``memory`` mode holds for ``split``: float32 soft labels, plus stored inputs if read;
+    token rows are held as stored (tokens, loss mask, soft labels, top-k ids and leftover mass)."""
+    if split.manifest.kind == "sequence":
+        return sum(int(split.array(name).nbytes) for name in token_arrays(split.manifest))
     soft = split.array(store.SOFT)
     total = int(np.prod(soft.shape)) * 4
     if with_inputs and split.has_inputs:
@@ -165,7 +178,8 @@ def memory_bytes(split: Split, *, with_inputs: bool) -> int:
 
 def choose_mode(split: Split, mode: LoaderMode = "auto", memory_budget: int | str | None = None,
                 *, with_inputs: bool = False) -> Literal["memory", "stream"]:
-    """``memory`` when the soft labels (and stored inputs, if they come from the cache) fit."""
+    """``memory`` when the soft labels (and stored inputs, if they come from the cache; a token row's
+    every array) fit."""
     if mode not in ("auto", "memory", "stream"):
         raise UsageError(f"loader must be auto, memory or stream, not {mode!r}")
     if mode != "auto":
@@ -184,6 +198,11 @@ def open_loader(cache: Cache, *, inputs: torch.Tensor | None, batch_size: int, m
     mode, streamed with the soft labels in ``stream`` mode. ``replay(rows, views)`` re-creates
     augmented views from the raw inputs (``views.cache_replay``), in either mode. ``labels``
     (one per row, -1 when unknown) replace the cache's, e.g. the labels of the user's own data.
+
+    Across ranks ``batch_size`` is the global batch in either mode: ``memory`` ranks take
+    interleaved slices of each batch (the batches of one process); ``stream`` ranks each cut
+    ``batch_size // world`` rows per batch from their own chunks (another batch order), and all
+    stop at the smallest rank's batch count, so they step in lockstep.
     """
     opts = StreamOptions.of(None, options)  # the stream's options; the in-RAM loader uses its seed and device
     split = cache.train
@@ -200,4 +219,8 @@ def open_loader(cache: Cache, *, inputs: torch.Tensor | None, batch_size: int, m
         soft = torch.from_numpy(split.read(store.SOFT))  # as stored; each batch is widened to float32
         return MemoryLoader(inputs, soft, labels, batch_size=batch_size, shuffle_seed=opts.shuffle_seed,
                             device=opts.device, replay=replay)
+    world = distributed_rank()[1] if opts.world_size is None else opts.world_size
+    if world > 1:  # data-parallel: batch_size stays the global batch, and every rank takes as many steps
+        batch_size, even = data_parallel(batch_size, world)
+        opts = StreamOptions.of(opts, {"even_batches": even})
     return StreamLoader(cache, inputs=inputs, labels=labels, batch_size=batch_size, replay=replay, options=opts)

@@ -54,6 +54,7 @@ def distillation_loss(
     alpha: float,
     label_smoothing: float = 0.0,
     leftover: Leftover = "bucket",
+    counts: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(labels)``.
 
@@ -63,6 +64,13 @@ def distillation_loss(
     the hard term; with no known label at all the hard term is dropped. A term whose weight is
     zero is never computed (not multiplied by 0: 0 * NaN is NaN), so a hard-label student
     (alpha 0) never reads the soft labels at all.
+
+    ``counts`` ``(rows, known)`` are for data-parallel training, where these rows are one rank's
+    share of a global batch: the global batch's rows (positions that count) and those of them
+    with a known label. Each term is then this share's sum divided by the global count, so the
+    ranks' losses, and their gradients, add up to the global batch's mean; whether the hard term
+    exists is decided by the global ``known``, so every rank decides alike. Without ``counts``
+    the terms are means over these rows, as always.
     """
     total = student_logits.new_zeros(())
     if alpha > 0:
@@ -70,13 +78,20 @@ def distillation_loss(
             raise ValueError("alpha > 0 needs teacher soft labels")
         log_student = F.log_softmax(student_logits / temperature, dim=-1)
         if isinstance(teacher_scaled, TopK):
-            kl = topk_kl(log_student, teacher_scaled, labels, leftover)
+            kl = topk_kl(log_student, teacher_scaled, labels, leftover, count=None if counts is None else counts[0])
         else:
             log_teacher = F.log_softmax(teacher_scaled.to(student_logits.dtype), dim=-1)
-            kl = F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True)
+            if counts is None:
+                kl = F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True)
+            else:
+                kl = F.kl_div(log_student, log_teacher, reduction="sum", log_target=True) / max(1.0, counts[0])
         total = total + alpha * temperature * temperature * kl
-    if alpha < 1 and labels is not None and bool((labels >= 0).any()):
-        ce = F.cross_entropy(student_logits, labels, ignore_index=-1, label_smoothing=label_smoothing)
+    if alpha < 1 and labels is not None and (bool((labels >= 0).any()) if counts is None else counts[1] > 0):
+        if counts is None:
+            ce = F.cross_entropy(student_logits, labels, ignore_index=-1, label_smoothing=label_smoothing)
+        else:
+            ce = F.cross_entropy(student_logits, labels, ignore_index=-1, label_smoothing=label_smoothing,
+                                 reduction="sum") / counts[1]
         total = total + (1 - alpha) * ce
     return total
 
@@ -87,15 +102,17 @@ def _xlogy(p: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
 
 
 def topk_kl(log_student: torch.Tensor, teacher: TopK, labels: torch.Tensor | None,
-            leftover: Leftover = "bucket") -> torch.Tensor:
+            leftover: Leftover = "bucket", count: float | None = None) -> torch.Tensor:
     """KL from a top-k teacher distribution to the student's ``log_student`` ``(n, C)``, mean
-    over the n rows, with the leftover mass treated as ``leftover`` says (see :data:`Leftover`).
+    over the n rows, with the leftover mass treated as ``leftover`` says (see :data:`Leftover`);
+    with ``count``, the sum over the rows divided by ``count`` instead (a rank's share of a global
+    batch of ``count`` rows, see :func:`distillation_loss`).
 
     Touches K of the C student entries per row (one gather) plus the log-sum of the rest."""
     lq = log_student.gather(-1, teacher.ids.long())
     logp = teacher.logp.to(log_student.dtype)
     p = logp.exp()
-    n = max(1, log_student.shape[0])
+    n = max(1, log_student.shape[0] if count is None else count)
     if leftover == "renormalize":
         logp = logp - logp.logsumexp(-1, keepdim=True)
         return (logp.exp() * (logp - lq)).sum() / n

@@ -18,6 +18,7 @@ from softcache.errors import CacheError, UsageError
 from softcache.progress import Progress
 from softcache.cache.trust import Trust
 from softcache.student._batch import Batch, Soft, TopK
+from softcache.student._distributed import DataParallel, Share
 from softcache.student.loaders import MemoryLoader
 from softcache.student.loss import distillation_loss, flatten_positions, rescale
 from softcache.student.stacked import grouped
@@ -38,10 +39,29 @@ class StudentRun:
     losses: list[torch.Tensor] = field(default_factory=list)
     seconds: float = 0.0
 
-    def step(self, batch: Batch, soft: Soft | None, cache_temperature: float) -> None:
+    def step(self, batch: Batch, soft: Soft | None, cache_temperature: float, share: Share | None = None) -> None:
+        """One optimizer step on ``batch``; with ``share`` (data-parallel training) the batch is
+        this rank's slice of a global batch, and the step is the global batch's (see
+        ``student._distributed``): the loss divides by the global counts and the gradients are
+        summed over the ranks before the update. An empty slice still takes part."""
         cfg = self.config
         start = time.perf_counter()
         self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        if share is None or len(batch.rows):
+            loss = self._loss(batch, soft, cache_temperature, share.counts if share is not None else None)
+            loss.backward()
+        else:
+            loss = torch.zeros((), device=batch.rows.device)
+        if share is not None:
+            loss = share.reduce(self.model, loss)
+        self.optimizer.step()
+        self.losses.append(loss.detach())
+        self.seconds += time.perf_counter() - start
+
+    def _loss(self, batch: Batch, soft: Soft | None, cache_temperature: float,
+              counts: tuple[float, float] | None) -> torch.Tensor:
+        cfg = self.config
         logits = output_logits(self.model(batch.inputs))
         teacher = None
         if soft is not None and cfg.alpha > 0:  # a top-k cache trains at its own temperature (train checks it)
@@ -49,13 +69,8 @@ class StudentRun:
         labels = batch.labels
         if logits.ndim == 3:  # token rows: every position that counts is one prediction
             logits, teacher, labels = flatten_positions(logits, teacher, labels, batch.mask)
-        loss = distillation_loss(logits, teacher, labels, temperature=cfg.temperature, alpha=cfg.alpha,
-                                 label_smoothing=cfg.label_smoothing, leftover=cfg.leftover)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.losses.append(loss.detach())
-        self.seconds += time.perf_counter() - start
+        return distillation_loss(logits, teacher, labels, temperature=cfg.temperature, alpha=cfg.alpha,
+                                 label_smoothing=cfg.label_smoothing, leftover=cfg.leftover, counts=counts)
 
     def loss_history(self) -> list[float]:
         return torch.stack(self.losses).tolist() if self.losses else []
@@ -98,15 +113,25 @@ def fit(runs: Sequence[StudentRun], loader: MemoryLoader | StreamLoader, epochs:
 
     With ``group`` students that share an architecture step together as one vectorized model
     (``softcache.student.stacked``); each ends with the weights it would have reached alone.
+    Under ``torch.distributed`` with more than one rank the pass is data-parallel (the loader
+    gives this rank its slice of each batch; ``student._distributed``) and grouping is off.
     """
+    ranks = DataParallel()
     with Progress(total=epochs * len(loader), desc="train", enabled=progress, unit="steps") as bar, \
-            grouped(runs, enabled=group) as steppers:
+            grouped(runs, enabled=group and not ranks.active) as steppers:
         for epoch in range(epochs):
             for batch in loader.epoch(epoch):
                 soft = soft_source(batch)
-                for stepper in steppers:
-                    stepper.step(batch, soft, cache_temperature)
+                if ranks.active:
+                    share = ranks.share(batch)
+                    for run in runs:
+                        run.step(batch, soft, cache_temperature, share)
+                else:
+                    for stepper in steppers:
+                        stepper.step(batch, soft, cache_temperature)
                 bar.update(1)
+    for run, seconds in zip(runs, ranks.slowest([run.seconds for run in runs])):
+        run.seconds = seconds
 
 
 def cached_soft(batch: Batch) -> Soft | None:

@@ -8,7 +8,10 @@ classifier, position by position (``loss.flatten_positions``).
 
 Everything the loader serves comes from the cache: the teacher is never loaded and no dataset is
 read. Ranks (``torch.distributed``) each take an interleaved slice of every global batch, so
-``world_size`` processes see the batches one process sees.
+``world_size`` processes see the batches one process sees. A cache larger than the memory budget
+streams chunk-shuffled instead (:class:`~softcache.student.stream.StreamLoader`, which serves the
+same batches of token rows): :func:`open_sequence_loader` chooses, as ``loaders.open_loader`` does
+for samples.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from softcache.cache.store import Cache, Split
 from softcache.config import TrainConfig
 from softcache.errors import CacheError
 from softcache.sequences import next_token_targets
-from softcache.student._batch import Batch, Soft, TopK, distributed_rank, epoch_permutation
+from softcache.student._batch import Batch, distributed_rank, epoch_permutation, token_batch
+from softcache.student.loaders import choose_mode
+from softcache.student.stream import StreamLoader, data_parallel
 from softcache.weights import output_logits
 
 EVAL_ROWS = 64
@@ -36,18 +41,21 @@ def _read(split: Split, name: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(split.read(name)))
 
 
-def check_tokens(cache: Cache, split: Split, tokens: torch.Tensor, ids: torch.Tensor | None) -> None:
-    """Ids a tampered cache could hold outside the vocabulary would index past every logit."""
+def check_tokens(cache: Cache, split: Split, tokens: torch.Tensor | np.ndarray,
+                 ids: torch.Tensor | np.ndarray | None) -> None:
+    """Ids a tampered cache could hold outside the vocabulary would index past every logit.
+    Takes the ids as stored (numpy finds the extremes of any integer dtype, torch not of uint16)."""
     vocab = cache.num_classes
-    for what, values in (("token ids", tokens), ("soft label ids", ids)):
-        if values is not None and values.numel() and (int(values.min()) < 0 or int(values.max()) >= vocab):
+    for what, given in (("token ids", tokens), ("soft label ids", ids)):
+        values = np.asarray(given) if given is not None else None
+        if values is not None and values.size and (int(values.min()) < 0 or int(values.max()) >= vocab):
             raise CacheError(f"{cache.location}: {split.name} {what} fall outside the vocabulary [0, {vocab}) "
                              "(damaged or edited cache)")
 
 
 class SequenceLoader:
-    """All token rows and soft labels of a split held in RAM as stored (float16 values widen per
-    batch); each epoch is a seeded shuffle of rows, the same for every rank."""
+    """All token rows and soft labels of a split held in RAM as stored (narrow ids and float16
+    values widen per batch); each epoch is a seeded shuffle of rows, the same for every rank."""
 
     def __init__(self, cache: Cache, *, batch_size: int, shuffle_seed: int = 0, device: torch.device | str = "cpu",
                  shuffle: bool = True, rank: int = 0, world_size: int = 1, split: str = "train"):
@@ -55,11 +63,11 @@ class SequenceLoader:
         if chosen is None:
             raise CacheError(f"{cache.location}: no {split!r} split")
         self.device = torch.device(device)
-        self.tokens = _read(chosen, layout.TOKENS).to(torch.int64)
+        self.tokens = _read(chosen, layout.TOKENS)
         self.mask = _read(chosen, layout.LOSS_MASK)
         self.values = _read(chosen, layout.SOFT)
         compact = cache.manifest.storage.mode != "full"
-        self.ids = _read(chosen, layout.SOFT_IDS).to(torch.int64) if compact else None
+        self.ids = _read(chosen, layout.SOFT_IDS) if compact else None
         self.rest = _read(chosen, layout.SOFT_REST) if compact else None
         check_tokens(cache, chosen, self.tokens, self.ids)
         self.batch_size, self.shuffle_seed, self.shuffle = batch_size, shuffle_seed, shuffle
@@ -71,7 +79,7 @@ class SequenceLoader:
 
     def probe(self) -> torch.Tensor:
         """Two rows of tokens, to check a student's output shape before training."""
-        return self.tokens[:2]
+        return self.tokens[:2].to(torch.int64)
 
     def __len__(self) -> int:
         return -(-self.rows // self.batch_size)
@@ -83,26 +91,38 @@ class SequenceLoader:
             if self.rest is not None:
                 yield start, self.rest[start : start + 4096]
 
-    def soft(self, rows: torch.Tensor) -> Soft:
-        values = self.values[rows].to(self.device, torch.float32)
-        if self.ids is None or self.rest is None:
-            return values
-        return TopK(self.ids[rows].to(self.device), values, self.rest[rows].to(self.device, torch.float32))
-
     def epoch(self, epoch: int) -> Iterator[Batch]:
         order = epoch_permutation(self.rows, self.shuffle_seed, epoch) if self.shuffle else torch.arange(self.rows)
         for start in range(0, self.rows, self.batch_size):
             rows = order[start : start + self.batch_size][self.rank :: self.world_size]
-            tokens, mask = self.tokens[rows], self.mask[rows]
-            yield Batch(rows=rows.to(self.device), inputs=tokens.to(self.device), soft=self.soft(rows),
-                        labels=next_token_targets(tokens, mask).to(self.device), mask=(mask > 0).to(self.device))
+            yield token_batch(rows, self.tokens[rows], self.mask[rows], self.values[rows],
+                              self.ids[rows] if self.ids is not None else None,
+                              self.rest[rows] if self.rest is not None else None, self.device)
 
 
-def open_sequence_loader(cache: Cache, cfg: TrainConfig, device: torch.device) -> SequenceLoader:
-    """The training split's loader for a :class:`TrainConfig`; ranks from ``torch.distributed``."""
+def open_sequence_loader(cache: Cache, cfg: TrainConfig, device: torch.device) -> SequenceLoader | StreamLoader:
+    """The training split's loader for a :class:`TrainConfig` (``loader``, ``memory_budget``; the
+    stream's ``buffer_chunks``, ``workers``, ``start_method``); ranks from ``torch.distributed``.
+    ``batch_size`` is the global batch: streamed ranks each cut their share from their own chunks
+    and step in lockstep (:func:`~softcache.student.stream.data_parallel`), in another order than
+    one process.
+
+    Either way the token and soft-label ids are checked against the vocabulary before any step:
+    in RAM as they are loaded; streamed, in one pass over those two arrays, a group of chunks at
+    a time (``_checks.check_finite`` reads the values and leftover mass the same way, so the
+    checks read each array they need once, within the loader's memory bound)."""
     rank, world = distributed_rank()
-    return SequenceLoader(cache, batch_size=cfg.batch_size, shuffle_seed=cfg.shuffle_seed, device=device,
-                          rank=rank, world_size=world)
+    if choose_mode(cache.train, cfg.loader, cfg.memory_budget) == "memory":
+        return SequenceLoader(cache, batch_size=cfg.batch_size, shuffle_seed=cfg.shuffle_seed, device=device,
+                              rank=rank, world_size=world)
+    batch_size, even = data_parallel(cfg.batch_size, world)
+    loader = StreamLoader(cache, batch_size=batch_size, shuffle_seed=cfg.shuffle_seed, device=device,
+                          buffer_chunks=cfg.buffer_chunks, workers=cfg.workers, start_method=cfg.start_method,
+                          rank=rank, world_size=world, even_batches=even)
+    names = tuple(name for name in (layout.TOKENS, layout.SOFT_IDS) if name in loader.source.names)
+    for _, block in loader.blocks(*names):
+        check_tokens(cache, cache.train, block[layout.TOKENS], block.get(layout.SOFT_IDS))
+    return loader
 
 
 TOKEN_SCORES = ("bits_per_token", "perplexity", "accuracy", "teacher_agreement")

@@ -25,6 +25,7 @@ from softcache.config import StudentConfig, TrainConfig
 from softcache.data import check_matches, fingerprint, load_dataset, materialize
 from softcache.errors import CacheError, UsageError
 from softcache.student import _checks, _results
+from softcache.student._distributed import DataParallel, main_process, process_group
 from softcache.student.loaders import open_loader
 from softcache.student.run import cached_soft, fit, make_run
 from softcache.student.loaders import MemoryLoader
@@ -86,10 +87,25 @@ def train(
     together or not at all; earlier results there are replaced only with ``overwrite``. With
     ``verify_key`` (an EC public key, PEM) the cache must match its signature
     (``softcache.cache.sign``) before anything else is done.
+
+    Launched by torchrun (``WORLD_SIZE`` > 1) the call is data-parallel: every rank trains the
+    same students on its slice of each batch (``student._distributed``: the same loss curve as
+    one process with the same ``batch_size``, to float round-off, from the in-memory loaders;
+    stacking is off), only rank 0 writes ``out_dir`` and shows progress, and every rank returns
+    the same leaderboard.
     """
     start = time.perf_counter()
     cfg = config or TrainConfig()
     configs = _student_configs(students)
+    with process_group(resolve_device(cfg.device)) as device:
+        return _train(cache, configs, cfg, device, start, data=data, eval_data=eval_data,
+                      out_dir=out_dir, progress=progress and main_process(), overwrite=overwrite, trust=trust,
+                      verify_key=verify_key)
+
+
+def _train(cache: str | Cache, configs: list[StudentConfig], cfg: TrainConfig, device: torch.device, start: float, *,
+           data: str | Dataset | None, eval_data: str | Dataset | None, out_dir: str | Path | None, progress: bool,
+           overwrite: bool, trust: Trust | bool | None, verify_key: str | Path | None) -> TrainResult:
     out = _results.results_target(out_dir, overwrite) if out_dir is not None else None
     if verify_key is not None:
         from softcache.cache.sign import verify
@@ -99,7 +115,6 @@ def train(
     if not opened.complete:
         _checks.check_written(opened)
     _checks.check_temperature(opened)
-    device = resolve_device(cfg.device)
     policy = trust if isinstance(trust, Trust) else Trust.from_user(cache_specs=bool(trust))
     sequence = opened.manifest.kind == "sequence"
     if sequence:  # token rows: everything comes from the cache, nothing recorded runs
@@ -146,8 +161,11 @@ def train(
     names = _unique_names(configs)
     if out is None:
         board = _results.leaderboard(runs, names, scores, cfg.epochs, [None] * len(runs))
-    else:
-        board = _results.write_results(out, runs, names, scores, cfg.epochs, overwrite)
+    else:  # rank 0 writes; the other ranks name the same files once it has
+        board = DataParallel().first(
+            lambda: _results.write_results(out, runs, names, scores, cfg.epochs, overwrite),
+            lambda: _results.leaderboard(runs, names, scores, cfg.epochs,
+                                         [str(out / _results.weights_file(name)) for name in names]))
     seconds["write"] = time.perf_counter() - mark
     return TrainResult(board, {name: run.model.eval() for name, run in zip(names, runs)}, out,
                        {k: round(v, 3) for k, v in seconds.items()})
