@@ -72,37 +72,43 @@ def is_sequence_dataset(dataset: Dataset) -> bool:
     return len(dataset) > 0 and is_sequence_item(dataset[0])  # type: ignore[arg-type]
 
 
-def as_token_rows(dataset: Dataset, length: int | None = None) -> TokenRows:
+def as_token_rows(dataset: Dataset, length: int | None = None, what: str = "sequence") -> TokenRows:
     """``dataset`` as :class:`TokenRows` of ``length`` positions (default: its longest item).
 
-    Items shorter than ``length`` are padded (mask 0); a longer one, a negative id or a float
-    item is a one-line error naming the item."""
+    Rows shorter than ``length`` are padded (mask 0). A longer one, an item that is not token
+    ids, or a loss mask of another size is bad data: a one-line :class:`CacheError` naming the
+    item (``what`` says which corpus: "held-out sequence")."""
     if isinstance(dataset, TokenRows):
-        if length is not None and dataset.length != length:
-            raise UsageError(f"sequences have {dataset.length} tokens, not the declared length {length}")
-        return dataset
+        if length is None or dataset.length == length:
+            return dataset
+        if dataset.length > length:
+            raise CacheError(f"{what} rows have {dataset.length} tokens, longer than the declared length {length}")
+        extra = (0, length - dataset.length)
+        pad = torch.nn.functional.pad
+        return TokenRows(pad(dataset.tokens, extra), pad(dataset.loss_mask, extra), info=dataset.info,
+                         tokenizer=dataset.tokenizer, packing=dataset.packing)
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:
-        raise CacheError("the corpus is empty: no token sequences to cache")
+        raise CacheError(f"the {what} corpus is empty: no token sequences to cache")
     ids, masks = [], []
     for i in range(n):
         item = dataset[i]
         if not is_sequence_item(item):
-            raise UsageError(f"sequence item {i} is a {type(item).__name__}, not a 1-D integer tensor or a mapping "
+            raise CacheError(f"{what} item {i} is a {type(item).__name__}, not a 1-D integer tensor or a mapping "
                              "with 'input_ids'")
         raw = item["input_ids"] if isinstance(item, Mapping) else item
         row = torch.as_tensor(np.asarray(raw)).reshape(-1)
         mask = torch.as_tensor(np.asarray(item["loss_mask"])).reshape(-1) if isinstance(item, Mapping) and \
             item.get("loss_mask") is not None else torch.ones_like(row)
         if mask.shape != row.shape:
-            raise UsageError(f"sequence item {i}: loss_mask has {len(mask)} entries for {len(row)} tokens")
+            raise CacheError(f"{what} item {i}: loss_mask has {len(mask)} entries for {len(row)} tokens")
         ids.append(row.to(torch.int64))
         masks.append(mask.to(torch.uint8))
     longest = max(len(r) for r in ids)
     width = longest if length is None else length
     if longest > width:
         i = next(k for k, r in enumerate(ids) if len(r) > width)
-        raise UsageError(f"sequence item {i} has {len(ids[i])} tokens, longer than the declared length {width}")
+        raise CacheError(f"{what} item {i} has {len(ids[i])} tokens, longer than the declared length {width}")
     tokens = torch.zeros(n, width, dtype=torch.int64)
     mask = torch.zeros(n, width, dtype=torch.uint8)
     for i, (r, m) in enumerate(zip(ids, masks)):

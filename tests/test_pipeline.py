@@ -1,5 +1,6 @@
 """Declarative pipelines (`softcache run`), the shipped pipeline files and scripts, and progress
-output for batch jobs."""
+output for batch jobs. The stage machinery runs for either row kind (``kind``): the digits
+pipeline, and the language-model pipeline (pipelines/lm.toml) over ``tests/lmkit.py`` rows."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from batchkit import REPO, cli, cli_env, main
+from batchkit import REPO, SAMPLE, Kind, cli, cli_env, kind, main, reference, teacher_file  # noqa: F401 - fixtures
 
 from softcache.cache import store
 from softcache.cache.shards import TargetMismatch
@@ -23,7 +24,7 @@ from softcache.cache.check import validate
 
 PIPELINES = sorted((REPO / "pipelines").glob("*.toml"))
 DIGITS = REPO / "pipelines" / "digits.toml"
-FAST = ["teacher.make.kwargs.epochs=2", "train.*.epochs=1", "cache.chunk_rows=200"]
+FAST = list(SAMPLE.pipeline_sets)
 """Overrides that keep the shipped digits pipeline to a few seconds: 6 + 3 shards."""
 
 
@@ -83,56 +84,75 @@ def test_a_sweep_is_every_combination_and_alpha_zero_ignores_temperature() -> No
     assert {s.temperature for s in students if s.alpha == 0} == {2.0}
 
 
-def _digits(workdir: Path, *sets: str) -> PipelineConfig:
-    return load_pipeline(DIGITS, [f"workdir={workdir}", *FAST, *sets])
-
-
 def _statuses(results: list[Any]) -> dict[str, str]:
     return {r.stage: r.status for r in results}
 
 
-def test_a_rerun_does_only_what_is_missing(tmp_path: Path) -> None:
-    cfg = _digits(tmp_path)
+def _trained(cfg: PipelineConfig) -> str:
+    """The name of the pipeline's (first) train stage."""
+    return f"train:{cfg.train[0].name}"
+
+
+def test_a_rerun_does_only_what_is_missing(tmp_path: Path, kind: Kind) -> None:  # noqa: F811
+    cfg = kind.pipeline_config(tmp_path)
+    train = _trained(cfg)
     first = run_pipeline(cfg, progress=False)
-    assert _statuses(first) == {"teacher": "ran", "build": "ran", "train:demo": "ran"}
-    assert first[0].detail["made"]["test_accuracy"] > 0.3
-    assert len(first[2].detail["leaderboard"]) == 7
+    assert _statuses(first) == {"teacher": "ran", "build": "ran", train: "ran"}
+    made = first[0].detail["made"]
+    assert made["test_accuracy"] > 0.3 if kind.name == "sample" else made["bits_per_token"] < 6.0  # < log2(64): learned
+    board = first[2].detail["leaderboard"]
+    assert len(board) == len(cfg.train[0].all_students()) == (7 if kind.name == "sample" else 2)
+    assert all(row[kind.score] is not None for row in board)
+    scores = [row[kind.score] for row in board]
+    assert scores == sorted(scores, reverse=kind.name == "sample")  # best first: accuracy down, bits per token up
     teacher_mtime = (tmp_path / "teacher.safetensors").stat().st_mtime_ns
 
-    assert _statuses(run_pipeline(cfg, progress=False)) == {"teacher": "skipped", "build": "skipped",
-                                                            "train:demo": "skipped"}
+    assert _statuses(run_pipeline(cfg, progress=False)) == {"teacher": "skipped", "build": "skipped", train: "skipped"}
     assert (tmp_path / "teacher.safetensors").stat().st_mtime_ns == teacher_mtime
 
-    (tmp_path / "demo" / "stage.json").unlink()  # as if training died before it finished
-    assert _statuses(run_pipeline(cfg, progress=False))["train:demo"] == "ran"
-    assert _statuses(run_pipeline(_digits(tmp_path, "train.0.epochs=2"), progress=False))["train:demo"] == "ran"
+    (Path(cfg.path(cfg.train[0].out or cfg.train[0].name)) / "stage.json").unlink()  # training died before it finished
+    assert _statuses(run_pipeline(cfg, progress=False))[train] == "ran"
+    assert _statuses(run_pipeline(kind.pipeline_config(tmp_path, "train.0.epochs=2"), progress=False))[train] == "ran"
 
-    other = _digits(tmp_path, "cache.temperature=2")  # another cache key at the same URL
+    other = kind.pipeline_config(tmp_path, "cache.dtype=float32")  # another cache key at the same URL
     with pytest.raises(TargetMismatch, match="different cache"):
         run_pipeline(other, only="build", progress=False)
-    replaced = run_pipeline(_digits(tmp_path, "cache.temperature=2", "cache.overwrite=true"), progress=False)
-    assert _statuses(replaced) == {"teacher": "skipped", "build": "ran", "train:demo": "ran"}
+    replaced = run_pipeline(kind.pipeline_config(tmp_path, "cache.dtype=float32", "cache.overwrite=true"),
+                            progress=False)
+    assert _statuses(replaced) == {"teacher": "skipped", "build": "ran", train: "ran"}
     assert replaced[1].detail["replaced_other_cache"] is True
-    assert store.open_cache(str(tmp_path / "cache.zarr")).temperature == 2.0
+    assert store.open_cache(str(tmp_path / "cache.zarr")).manifest.storage.dtype == "float32"
 
 
-def test_a_build_stopped_half_way_is_resumed_by_the_next_run(tmp_path: Path) -> None:
-    cfg = _digits(tmp_path)
+def test_a_build_stopped_half_way_is_resumed_by_the_next_run(tmp_path: Path, kind: Kind) -> None:  # noqa: F811
+    cfg = kind.pipeline_config(tmp_path)
+    train = _trained(cfg)
     assert _statuses(run_pipeline(cfg, only="teacher", progress=False))["teacher"] == "ran"
     partial = run_pipeline(cfg, shard="0/2", progress=False)  # one job-array task, the other never ran
-    assert _statuses(partial) == {"teacher": "skipped", "build": "ran", "train:demo": "excluded"}
+    assert _statuses(partial) == {"teacher": "skipped", "build": "ran", train: "excluded"}
     assert partial[1].detail["complete"] is False
 
     rest = run_pipeline(cfg, progress=False)
-    assert _statuses(rest) == {"teacher": "skipped", "build": "resumed", "train:demo": "ran"}
+    assert _statuses(rest) == {"teacher": "skipped", "build": "resumed", train: "ran"}
     report = rest[1].detail["report"]
     assert report["units_written"] == ["train:1", "train:3", "train:5", "eval:1"] and report["units_skipped"] == 5
-    assert validate(str(tmp_path / "cache.zarr"), deep=True)["valid"]
+    assert kind.validate(tmp_path / "cache.zarr")["valid"]
 
 
-def test_sharded_runs_need_the_teacher_first(tmp_path: Path) -> None:
+def test_sharded_runs_need_the_teacher_first(tmp_path: Path, kind: Kind) -> None:  # noqa: F811
     with pytest.raises(UsageError, match="--only teacher"):
-        run_pipeline(_digits(tmp_path), shard="1/2", progress=False)
+        run_pipeline(kind.pipeline_config(tmp_path), shard="1/2", progress=False)
+
+
+def test_workdir_in_a_spec_stands_for_the_absolute_workdir(tmp_path: Path) -> None:
+    cfg = load_pipeline(REPO / "pipelines" / "lm.toml", [f"workdir={tmp_path / 'w'}"])
+    assert cfg.data is not None and "{workdir}" in str(cfg.data.train)  # kept as written until a stage runs it
+    data = cfg.spec(cfg.data.train)
+    assert data is not None and data.kwargs["tokenizer"] == str(tmp_path / "w" / "tokenizer.json")
+    make = cfg.spec(cfg.teacher.make)
+    assert make is not None and make.kwargs["tokenizer"] == str(tmp_path / "w" / "tokenizer.json")
+    assert make.kwargs["data"].startswith(f"softcache.text:stdlib_rows,tokenizer={tmp_path / 'w'}/tokenizer.json,")
+    assert cfg.spec(None) is None
 
 
 def test_run_json_summary_from_the_command_line(tmp_path: Path) -> None:

@@ -1,5 +1,7 @@
 """Remote stores: build to and train from s3:// (a local S3-compatible server), train from a
-read-only http:// URL, and open a remote cache with a constant number of requests."""
+read-only http:// URL (also streaming it chunk-shuffled), and open a remote cache with a constant
+number of requests; building and training for either row kind (``kind``: digits samples, token
+rows with top-k soft labels)."""
 
 from __future__ import annotations
 
@@ -18,11 +20,12 @@ from typing import Any
 import fsspec
 import pytest
 from batchkit import (  # noqa: F401 - fixtures
+    Kind,
     assert_same_arrays,
-    build_args,
     build_tiny,
     cli,
     cli_env,
+    kind,
     main,
     reference,
     teacher_file,
@@ -107,21 +110,20 @@ def _open_cold(log: RequestLog, url: str) -> tuple[store.Cache, list[str], float
 
 
 def test_build_to_s3_and_train_from_it_with_credentials_from_the_environment(
-        s3: S3Server, tmp_path: Path, teacher_file: str, reference) -> None:  # noqa: F811
-    url = "s3://caches/cli.zarr"
-    built = cli(*build_args(teacher_file, url, "--json"), env=cli_env(**s3.env))
+        s3: S3Server, tmp_path: Path, kind: Kind) -> None:  # noqa: F811
+    url = f"s3://caches/cli-{kind.name}.zarr"
+    built = cli(*kind.args(url, "--json"), env=cli_env(**s3.env))
     assert built.returncode == 0, built.stderr
     assert json.loads(built.stdout)["complete"] is True
-    assert_same_arrays(url, reference.url)
+    assert_same_arrays(url, kind.reference.url)
 
-    trained = main("train", "--cache", url, "--student", "softcache.models:mlp,hidden=8", "--epochs", "1",
-                   "--out", str(tmp_path / "students"), "--json")
+    trained = main(*kind.train_args(url, tmp_path / "students", "--json"))
     assert trained.returncode == 0, trained.stderr
     row = json.loads(trained.stdout)["leaderboard"][0]
-    assert row["test_accuracy"] is not None and row["teacher_agreement"] is not None
+    assert row[kind.score] is not None and row["teacher_agreement"] is not None
 
     fs = fsspec.filesystem("s3")
-    objects = fs.find("caches/cli.zarr")
+    objects = fs.find(url.removeprefix("s3://"))
     metadata = [o for o in objects if o.endswith("zarr.json")]
     assert len(metadata) > 10
     port = s3.endpoint.rsplit(":", 1)[1]
@@ -131,15 +133,15 @@ def test_build_to_s3_and_train_from_it_with_credentials_from_the_environment(
             assert secret.encode() not in blob, f"{secret!r} found in {name}"
 
 
-def test_shard_workers_share_one_s3_store(s3: S3Server, teacher_file: str, reference) -> None:  # noqa: F811
-    url = "s3://caches/sharded.zarr"
-    first = build_tiny(teacher_file, url, shard="0/2")
+def test_shard_workers_share_one_s3_store(s3: S3Server, kind: Kind) -> None:  # noqa: F811
+    url = f"s3://caches/sharded-{kind.name}.zarr"
+    first = kind.build(url, shard="0/2")
     assert not first.complete
     with pytest.raises(CacheError, match="still being built"):
         store.open_cache(url)
-    second = build_tiny(teacher_file, url, shard="1/2")
+    second = kind.build(url, shard="1/2")
     assert second.complete and second.build_report["target"] == "joined"
-    assert_same_arrays(url, reference.url)
+    assert_same_arrays(url, kind.reference.url)
 
 
 def test_opening_an_s3_cache_costs_a_constant_number_of_requests(s3: S3Server, teacher_file: str) -> None:  # noqa: F811
@@ -181,17 +183,50 @@ def http_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpServer]:
     thread.join(timeout=10)
 
 
-def test_train_from_a_read_only_http_url(http_root: HttpServer, tmp_path: Path, teacher_file: str,
-                                         reference) -> None:  # noqa: F811
-    shutil.copytree(reference.url, http_root.root / "ref.zarr")
-    url = f"{http_root.base}/ref.zarr"
-    trained = main("train", "--cache", url, "--student", "softcache.models:mlp,hidden=8", "--epochs", "1",
-                   "--out", str(tmp_path / "students"), "--json")
+def _served(http_root: HttpServer, kind: Kind) -> str:
+    """The kind's reference cache, served read-only over http (copied once per module)."""
+    name = f"ref-{kind.name}.zarr"
+    if not (http_root.root / name).exists():
+        shutil.copytree(kind.reference.url, http_root.root / name)
+    return f"{http_root.base}/{name}"
+
+
+def test_train_from_a_read_only_http_url(http_root: HttpServer, tmp_path: Path, kind: Kind) -> None:  # noqa: F811
+    url = _served(http_root, kind)
+    trained = main(*kind.train_args(url, tmp_path / "students", "--json"))
     assert trained.returncode == 0, trained.stderr
-    assert json.loads(trained.stdout)["leaderboard"][0]["teacher_agreement"] is not None
+    row = json.loads(trained.stdout)["leaderboard"][0]
+    assert row[kind.score] is not None and row["teacher_agreement"] is not None
 
     with pytest.raises(UsageError, match="read-only"):
-        build_tiny(teacher_file, f"{http_root.base}/new.zarr")
+        kind.build(f"{http_root.base}/new-{kind.name}.zarr")
+
+
+def test_stream_training_from_a_read_only_http_url(http_root: HttpServer, kind: Kind,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """``loader='stream'`` trains through the chunk-shuffled stream loader, reading the remote
+    chunks group by group instead of holding the cache in RAM."""
+    from softcache.config import StudentConfig, TrainConfig
+    from softcache.student import stream
+    from softcache.student.train import train
+
+    url = _served(http_root, kind)
+    streams: list[stream.StreamLoader] = []
+    original = stream.StreamLoader.__init__
+
+    def spy(self: stream.StreamLoader, *args: Any, **kwargs: Any) -> None:
+        streams.append(self)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(stream.StreamLoader, "__init__", spy)
+    fields = {k: v for k, v in kind.student.items() if k != "student"}
+    student = StudentConfig(spec=kind.student["student"], **fields)
+    result = train(url, [student], config=TrainConfig(epochs=2, batch_size=8, loader="stream", buffer_chunks=2),
+                   progress=False)
+    assert len(streams) == 1, "loader='stream' did not train through the stream loader"
+    row = result.leaderboard.row(0, named=True)
+    assert row["epochs"] == 2 and 0.0 <= row["teacher_agreement"] <= 1.0
+    assert row[kind.score] is not None and row[kind.score] > 0.0
 
 
 def test_opening_an_http_cache_is_one_request_and_a_partial_one_is_refused(

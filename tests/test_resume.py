@@ -1,5 +1,6 @@
 """Resume: a build killed at any moment and restarted with --resume ends identical to an
-uninterrupted build, skips finished shards and never keeps a half-written chunk."""
+uninterrupted build, skips finished shards and never keeps a half-written chunk; for either row
+kind (``kind``: digits samples, token rows with top-k soft labels)."""
 
 from __future__ import annotations
 
@@ -15,14 +16,14 @@ import numpy as np
 import pytest
 from batchkit import (  # noqa: F401 - fixtures
     UNITS,
+    Kind,
     WriteLog,
     arrays,
     assert_same_arrays,
-    build_args,
-    build_tiny,
     cli,
     cli_env,
     flags_set,
+    kind,
     main,
     reference,
     teacher_file,
@@ -30,13 +31,10 @@ from batchkit import (  # noqa: F401 - fixtures
 
 from softcache.cache import store
 from softcache.errors import UsageError
-from softcache.cache.check import validate
-
-SLOW_TEACHER = "batchkit:slow_teacher,delay=0.02"
 
 
-def _start(out: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "softcache", *build_args(SLOW_TEACHER, out, "--resume")],
+def _start(kind: Kind, out: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "softcache", *kind.args(out, "--resume", teacher=kind.slow_teacher)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=cli_env())
 
 
@@ -51,77 +49,80 @@ def _kill_when(proc: subprocess.Popen[str], out: Path, flags: int, extra_s: floa
     return proc.returncode
 
 
-def test_sigkill_at_random_points_then_resume_ends_identical(tmp_path: Path, reference) -> None:  # noqa: F811
+def test_sigkill_at_random_points_then_resume_ends_identical(tmp_path: Path, kind: Kind) -> None:  # noqa: F811
     rng = random.Random(20240605)
     out = tmp_path / "killed.zarr"
     killed = []
     for _ in range(3):  # kill, resume, kill again ... at seeded random points
         before = flags_set(out) if out.exists() else 0
         target = min(UNITS - 1, before + rng.randint(0, 3))
-        killed.append(_kill_when(_start(out), out, target, rng.uniform(0.0, 0.2)) == -signal.SIGKILL)
+        killed.append(_kill_when(_start(kind, out), out, target, rng.uniform(0.0, 0.2)) == -signal.SIGKILL)
     assert sum(killed) >= 2, "the build finished before most kills: the test did not interrupt it"
     done_before = flags_set(out)
     assert 0 < done_before < UNITS
     assert store.peek_manifest(str(out)).status.state == "building"
 
-    final = cli(*build_args(SLOW_TEACHER, out, "--resume", "--json"))
+    final = cli(*kind.args(out, "--resume", "--json", teacher=kind.slow_teacher))
     assert final.returncode == 0, final.stderr
     report = json.loads(final.stdout)["worker"]
     assert report["target"] == "joined" and report["units_skipped"] == done_before
     assert len(report["units_written"]) == UNITS - done_before
-    assert_same_arrays(out, reference.url)
+    assert_same_arrays(out, kind.reference.url)
     cache = store.open_cache(str(out))
-    assert cache.complete and cache.manifest.cache_key == reference.manifest.cache_key
-    assert validate(str(out), deep=True)["valid"]
+    assert cache.complete and cache.manifest.cache_key == kind.reference.manifest.cache_key
+    assert kind.validate(out)["valid"]
     assert not list(out.rglob("*.partial")), "temporary files of killed writes were left behind"
 
 
 def test_a_torn_chunk_in_an_unfinished_shard_is_rewritten_and_finished_shards_are_not(
-        tmp_path: Path, teacher_file: str, reference, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+        tmp_path: Path, kind: Kind, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     out = tmp_path / "c.zarr"
-    build_tiny(teacher_file, out, shard="0/2")  # train shards 0, 2, 4 and eval 0, 2 are done
-    # What a killed writer could leave behind in shard 1 (rows 200..399) if writes were not
+    kind.build(out, shard="0/2")  # train shards 0, 2, 4 and eval 0, 2 are done
+    # What a killed writer could leave behind in shard 1 (chunks 2 and 3) if writes were not
     # atomic: a truncated chunk, garbage in another, and a temporary file that never got renamed.
     torn = out / "soft_labels" / "c" / "2" / "0" / "0"
     torn.parent.mkdir(parents=True, exist_ok=True)
-    torn.write_bytes(b"\x00\x3c" * 3)  # 6 of the chunk's 2000 bytes
-    (out / "labels" / "c" / "3").write_bytes(b"\xff" * 800)  # right size, wrong content
+    torn.write_bytes(b"\x00\x3c" * 3)  # 6 of the chunk's bytes
+    row_chunk = kind.row_chunk.format(3)
+    size = (Path(kind.reference.url) / row_chunk).stat().st_size
+    (out / row_chunk).parent.mkdir(parents=True, exist_ok=True)
+    (out / row_chunk).write_bytes(b"\xff" * size)  # right size, wrong content
     (torn.parent / "0.0123abc.partial").write_bytes(b"half")
     done_chunk = out / "soft_labels" / "c" / "0" / "0" / "0"
     done_mtime = done_chunk.stat().st_mtime_ns
 
     log = WriteLog(monkeypatch)
-    resumed = build_tiny(teacher_file, out, resume=True)
+    resumed = kind.build(out, resume=True)
     report = resumed.build_report
     assert report["target"] == "joined" and report["units_skipped"] == 5
     assert report["units_written"] == ["train:1", "train:3", "train:5", "eval:1"]
     starts = {start for path, start in log.writes[""] if path == "soft_labels"}
-    assert starts == {200, 300, 600, 700, 1000, 1100}  # only the unfinished shards' chunks
+    assert starts == kind.chunk_starts((1, 3, 5))  # only the unfinished shards' chunks (digits: 200, 300, 600, ...)
     assert done_chunk.stat().st_mtime_ns == done_mtime
-    assert_same_arrays(out, reference.url)
+    assert_same_arrays(out, kind.reference.url)
     assert not list(out.rglob("*.partial"))
 
 
-def test_an_existing_partial_cache_is_refused_without_resume(tmp_path: Path, teacher_file: str) -> None:  # noqa: F811
+def test_an_existing_partial_cache_is_refused_without_resume(tmp_path: Path, kind: Kind) -> None:  # noqa: F811
     out = tmp_path / "c.zarr"
-    build_tiny(teacher_file, out, shard="1/2")
-    refused = main(*build_args(teacher_file, out))
+    kind.build(out, shard="1/2")
+    refused = main(*kind.args(out))
     assert refused.returncode == 2
     assert refused.stderr.count("\n") == 1 and refused.stderr.startswith("softcache: error:")
     assert "partial cache of this build" in refused.stderr and "--resume" in refused.stderr
     with pytest.raises(UsageError, match="different cache"):
-        build_tiny(teacher_file, out, resume=True, temperature=8.0)  # --resume never mixes two builds
+        kind.build(out, resume=True, temperature=8.0)  # --resume never mixes two builds
     assert store.peek_manifest(str(out)).status.state == "building"
 
 
 def test_resume_on_an_empty_target_builds_and_on_a_complete_one_does_nothing(
-        tmp_path: Path, teacher_file: str, reference) -> None:  # noqa: F811
+        tmp_path: Path, kind: Kind) -> None:  # noqa: F811
     out = tmp_path / "c.zarr"
-    first = build_tiny(teacher_file, out, resume=True)
+    first = kind.build(out, resume=True)
     assert first.complete and first.build_report["target"] == "created"
     before = arrays(out)
-    again = build_tiny(teacher_file, out, resume=True)
+    again = kind.build(out, resume=True)
     assert again.build_report["target"] == "complete" and again.build_report["rows_written"] == 0
     after = arrays(out)
     assert sorted(before) == sorted(after) and all(np.array_equal(before[p], after[p]) for p in before)
-    assert_same_arrays(out, reference.url)
+    assert_same_arrays(out, kind.reference.url)

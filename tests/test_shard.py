@@ -1,4 +1,5 @@
-"""Sharded stage 1: job-array workers and torchrun ranks write one shared store."""
+"""Sharded stage 1: job-array workers and torchrun ranks write one shared store, for either row
+kind (``kind``: digits samples, token rows with top-k soft labels)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import pytest
 import zarr
 from batchkit import (  # noqa: F401 - fixtures
     UNITS,
+    Kind,
     WriteLog,
     assert_same_arrays,
-    build_args,
     build_tiny,
     cli_env,
+    kind,
     main,
     reference,
     teacher_file,
@@ -64,62 +66,62 @@ def test_units_are_split_disjointly_and_completely(workers: int, reference) -> N
 
 
 def test_job_array_workers_write_disjoint_chunks_and_the_last_one_finalizes(
-        tmp_path: Path, teacher_file: str, reference, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+        tmp_path: Path, kind: Kind, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     log = WriteLog(monkeypatch)
     out = tmp_path / "shared.zarr"
 
     log.worker = "0/2"
-    first = build_tiny(teacher_file, out, shard="0/2")
+    first = kind.build(out, shard="0/2")
     assert not first.complete and first.build_report["units_written"] == ["train:0", "train:2", "train:4", "eval:0", "eval:2"]
     with pytest.raises(CacheError, match=r"still being built .*5/9 shards done.*--allow-incomplete"):
         store.open_cache(str(out))
     assert store.open_cache(str(out), allow_incomplete=True).complete is False
 
     log.worker = "1/2"
-    second = build_tiny(teacher_file, out, shard="1/2")
+    second = kind.build(out, shard="1/2")
     assert second.complete and second.build_report["target"] == "joined"
     assert second.build_report["units_written"] == ["train:1", "train:3", "train:5", "eval:1"]
 
     a, b = log.writes["0/2"], log.writes["1/2"]
     assert a and b and not (a & b), "two workers wrote the same chunk"
     soft_chunks = {(p, s) for p, s in a | b if p in ("soft_labels", "eval/soft_labels")}
-    assert len(soft_chunks) == 12 + 6  # every 100-row chunk of both splits, each written once
-    assert_same_arrays(out, reference.url)
+    assert len(soft_chunks) == 12 + 6  # every chunk of both splits, each written once
+    assert_same_arrays(out, kind.reference.url)
     reopened = zarr.open_group(str(out), mode="r")
     assert reopened.metadata.consolidated_metadata is not None  # finalize consolidated the metadata
-    assert store.open_cache(str(out)).manifest.cache_key == reference.manifest.cache_key
+    assert store.open_cache(str(out)).manifest.cache_key == kind.reference.manifest.cache_key
 
 
-def test_a_second_build_is_refused_unless_it_is_a_shard_of_the_same_build(tmp_path: Path, teacher_file: str) -> None:  # noqa: F811
+def test_a_second_build_is_refused_unless_it_is_a_shard_of_the_same_build(tmp_path: Path, kind: Kind) -> None:  # noqa: F811
     out = tmp_path / "c.zarr"
-    build_tiny(teacher_file, out, shard="0/3")
+    kind.build(out, shard="0/3")
     with pytest.raises(UsageError, match=r"partial cache of this build .*3/9 shards done.*--resume"):
-        build_tiny(teacher_file, out)  # a plain build meeting a build in progress
+        kind.build(out)  # a plain build meeting a build in progress
     with pytest.raises(TargetMismatch, match="different cache"):
-        build_tiny(teacher_file, out, shard="1/3", temperature=2.0)  # other settings: other key
+        kind.build(out, shard="1/3", temperature=2.0)  # other settings: other key
     with pytest.raises(TargetMismatch, match="--shard-chunks"):
-        build_tiny(teacher_file, out, shard="1/3", chunk_rows=50)  # same key, other layout
+        kind.build(out, shard="1/3", chunk_rows=kind.chunk_rows // 2)  # same key, other layout
     with pytest.raises(UsageError, match="--overwrite cannot be combined with --shard"):
-        build_tiny(teacher_file, out, shard="1/3", overwrite=True)
+        kind.build(out, shard="1/3", overwrite=True)
     assert store.peek_manifest(str(out)).status.state == "building"
-    build_tiny(teacher_file, out, shard="2/3")
-    last = build_tiny(teacher_file, out, shard="1/3")
+    kind.build(out, shard="2/3")
+    last = kind.build(out, shard="1/3")
     assert last.complete
-    again = build_tiny(teacher_file, out, shard="1/3")  # a retried array task: nothing to do
+    again = kind.build(out, shard="1/3")  # a retried array task: nothing to do
     assert again.build_report["target"] == "complete" and again.build_report["units_written"] == []
     with pytest.raises(UsageError, match="already built and complete"):
-        build_tiny(teacher_file, out)
+        kind.build(out)
 
 
-def test_finalize_command_completes_a_cache_whose_last_worker_died(tmp_path: Path, teacher_file: str) -> None:  # noqa: F811
+def test_finalize_command_completes_a_cache_whose_last_worker_died(tmp_path: Path, kind: Kind) -> None:  # noqa: F811
     out = tmp_path / "c.zarr"
-    build_tiny(teacher_file, out, shard="0/2")
+    kind.build(out, shard="0/2")
     failed = main("finalize", str(out))
     assert failed.returncode == 1
     assert failed.stderr.strip().splitlines() == [failed.stderr.strip()]
     assert failed.stderr.startswith("softcache: error:") and "train shards not done: [1, 3, 5]" in failed.stderr
 
-    build_tiny(teacher_file, out, shard="1/2")
+    kind.build(out, shard="1/2")
     group = zarr.open_group(str(out), mode="r+")  # as if the last worker died before finalizing
     manifest = store.read_manifest(group, str(out))
     manifest.status.state = "building"
@@ -130,9 +132,9 @@ def test_finalize_command_completes_a_cache_whose_last_worker_died(tmp_path: Pat
     assert store.open_cache(str(out)).complete
 
 
-def test_reading_an_incomplete_cache_needs_allow_incomplete(tmp_path: Path, teacher_file: str) -> None:  # noqa: F811
+def test_reading_an_incomplete_cache_needs_allow_incomplete(tmp_path: Path, kind: Kind) -> None:  # noqa: F811
     out = tmp_path / "c.zarr"
-    build_tiny(teacher_file, out, shard="0/2")
+    kind.build(out, shard="0/2")
     refused = main("inspect", str(out))
     assert refused.returncode == 1 and refused.stderr.startswith("softcache: error:")
     assert "still being built" in refused.stderr and "--allow-incomplete" in refused.stderr
@@ -148,20 +150,18 @@ def test_reading_an_incomplete_cache_needs_allow_incomplete(tmp_path: Path, teac
     expected = partial.train.array("stats/max_prob")[:][written].mean()
     assert info["teacher_mean_max_prob"] == pytest.approx(float(expected), rel=1e-5)
     assert not written.all() and summarize(partial)["teacher_mean_max_prob"] == info["teacher_mean_max_prob"]
-    train = main("train", "--cache", str(out), "--student", "softcache.models:mlp,hidden=8", "--epochs", "1",
-                "--out", str(tmp_path / "students"))
+    train = main(*kind.train_args(out, tmp_path / "students"))
     assert train.returncode == 1 and "still being built" in train.stderr
     # even with --allow-incomplete, the unwritten rows' fill values are never trained on
-    train = main("train", "--cache", str(out), "--student", "softcache.models:mlp,hidden=8", "--epochs", "1",
-                "--out", str(tmp_path / "students"), "--allow-incomplete")
+    train = main(*kind.train_args(out, tmp_path / "students", "--allow-incomplete"))
     assert train.returncode == 1 and "not written yet" in train.stderr and train.stderr.count("\n") == 1
     assert not (tmp_path / "students").exists()
 
 
-def test_torchrun_two_ranks_build_what_one_process_builds(tmp_path: Path, teacher_file: str, reference) -> None:  # noqa: F811
+def test_torchrun_two_ranks_build_what_one_process_builds(tmp_path: Path, kind: Kind) -> None:  # noqa: F811
     out = tmp_path / "torchrun.zarr"
     cmd = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "softcache",
-           *build_args(teacher_file, out, "--json")]
+           *kind.args(out, "--json")]
     import subprocess
 
     run = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=cli_env(), timeout=240)
@@ -174,9 +174,10 @@ def test_torchrun_two_ranks_build_what_one_process_builds(tmp_path: Path, teache
     assert sorted(r["shard"] for r in reports) == ["0/2", "1/2"]
     assert {r["launcher"] for r in reports} == {"torchrun"}
     written = [u for r in reports for u in r["units_written"]]
-    assert sorted(written) == sorted(str(u) for u in work_units(reference.manifest, True)) and len(written) == UNITS
-    assert_same_arrays(out, reference.url)
-    assert store.open_cache(str(out)).manifest.cache_key == reference.manifest.cache_key
+    assert sorted(written) == sorted(str(u) for u in work_units(kind.reference.manifest, True))
+    assert len(written) == UNITS
+    assert_same_arrays(out, kind.reference.url)
+    assert store.open_cache(str(out)).manifest.cache_key == kind.reference.manifest.cache_key
 
 
 

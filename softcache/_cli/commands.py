@@ -272,7 +272,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from softcache.demo import run_datafree_demo, run_demo
 
     start = time.perf_counter()
+    if args.lm and args.data_free:
+        raise UsageError("demo: choose --lm or --data-free, not both")
+    args.workdir = args.workdir or ("runs/lm" if args.lm else "runs/demo")
     leaderboard = os.path.join(args.workdir, "leaderboard.parquet")
+    if args.lm:
+        from softcache.demo_lm import run_lm_demo
+
+        if args.threads is None and "SOFTCACHE_THREADS" not in os.environ:
+            import torch
+
+            torch.set_num_threads(os.cpu_count() or 1)  # minutes of transformer training: use every core
+        lm = run_lm_demo(args.workdir, overwrite=args.overwrite, device=args.device, progress=not args.quiet)
+        obj = {"workdir": args.workdir, "cache": lm.cache.url, "teacher_bits_per_token": lm.teacher_bits_per_token,
+               "bytes_per_token": lm.bytes_per_token, "teacher_reused": lm.teacher_reused,
+               "leaderboard": lm.leaderboard.to_dicts(), "summary": lm.summary.to_dicts(),
+               "seconds": {**lm.seconds, "total": round(time.perf_counter() - start, 1)}}
+        emit(obj, args.json, fmt.format_lm_demo(obj, lm.leaderboard, lm.summary, leaderboard))
+        return 0
     if args.data_free:
         board, teacher_acc = run_datafree_demo(args.workdir, overwrite=args.overwrite, device=args.device,
                                                progress=not args.quiet)

@@ -194,6 +194,21 @@ def format_demo(obj: dict[str, Any], board: Any, leaderboard: str) -> str:
             f"{format_board(board)}\nleaderboard: {leaderboard}  ({obj['seconds']:.1f}s)")
 
 
+def format_lm_demo(obj: dict[str, Any], board: Any, summary: Any, leaderboard: str) -> str:
+    """``softcache demo --lm``: the teacher, the cache, the students, and mean +- std per kind."""
+    lines = [f"teacher held-out {obj['teacher_bits_per_token']:.3f} bits/token"
+             + (" (reused from the workdir)" if obj["teacher_reused"] else "")
+             + f"  cache {obj['cache']}  {obj['bytes_per_token']:.1f} bytes/token", format_board(board)]
+    for row in summary.iter_rows(named=True):
+        std = row["bits_per_token_std"]
+        lines.append(f"{row['kind']:<14} {row['bits_per_token_mean']:.3f} +- {std if std is not None else 0:.3f} "
+                     f"bits/token over {row['seeds']} seeds, teacher agreement "
+                     f"{pct(row['teacher_agreement_mean'])}")
+    times = ", ".join(f"{k} {v:.0f}s" for k, v in obj["seconds"].items())
+    lines.append(f"leaderboard: {leaderboard}  ({times})")
+    return "\n".join(lines)
+
+
 def format_datafree_demo(obj: dict[str, Any], board: Any, leaderboard: str) -> str:
     """``softcache demo --data-free``: the teacher (real data), then the students (synthesized inputs only)."""
     return (f"teacher test accuracy {100 * obj['teacher_test_accuracy']:.2f}% (trained on real data; students saw "

@@ -265,8 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     _cache_parsers(sub, common)
 
     p = _sub(sub, "demo", common, help="the main job on the embedded digits data")
-    p.add_argument("--workdir", default="runs/demo", help="where the teacher, the caches and the leaderboard go")
+    p.add_argument("--workdir", default=None,
+                   help="where the teacher, the caches and the leaderboard go (default: runs/demo; --lm: runs/lm)")
     p.add_argument("--overwrite", action="store_true", help="replace earlier demo outputs in --workdir")
+    p.add_argument("--lm", action="store_true",
+                   help="the language-model job: a BPE tokenizer, a GPT teacher and a top-k cache on the Python "
+                        "standard library's source, students with and without distillation (about 10 CPU minutes; "
+                        "needs pip install softcache[lm]; uses every core unless --threads is given)")
     p.add_argument("--data-free", action="store_true",
                    help="teacher from real data, students from synthesized inputs only (a few CPU minutes)")
     p.add_argument("--device", default=None)

@@ -221,15 +221,17 @@ def recorded_spec_problems(manifest: Manifest, trust: Trust | None = None) -> li
     The teacher SPEC never runs from a cache: only a user rebuilding the cache runs it, naming it
     themselves. So a weights file or a well-formed SPEC of the user's own there is fine, and only
     a malformed or hostile one is reported. The data and augmentation SPECs are what ``train``
-    would run, so they must pass the same checks as there. ``trust`` defaults to the user's
-    (``Trust.from_user``)."""
+    would run, so they must pass the same checks as there; a sequence cache's data SPECs never
+    run (train reads its token rows from the cache), so they count as the teacher's does.
+    ``trust`` defaults to the user's (``Trust.from_user``)."""
     trust = Trust.from_user() if trust is None else trust
     problems = []
+    never_run = {"teacher"} | ({"source", "eval source"} if manifest.kind == "sequence" else set())
     for where, spec in recorded_specs(manifest):
-        if where == "teacher" and spec.is_file():
+        if where in never_run and spec.is_file():
             continue
         found, fixable = spec_problems(spec, trust)
-        if where == "teacher" and fixable:
+        if where in never_run and fixable:
             continue
         problems += [f"{where} SPEC: {p}" for p in found]
     return problems

@@ -3,6 +3,6 @@ passes (:mod:`softcache.pipeline.config`); ``run_pipeline`` runs its stages, ski
 output is already there (:mod:`softcache.pipeline.run`)."""
 
 from softcache.pipeline.config import PipelineConfig, load_pipeline
-from softcache.pipeline.run import digits_teacher, run_pipeline
+from softcache.pipeline.run import digits_teacher, lm_teacher, run_pipeline
 
-__all__ = ["PipelineConfig", "digits_teacher", "load_pipeline", "run_pipeline"]
+__all__ = ["PipelineConfig", "digits_teacher", "lm_teacher", "load_pipeline", "run_pipeline"]

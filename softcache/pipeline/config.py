@@ -54,6 +54,13 @@ Stages run in order teacher, build, then each ``[[train]]``:
   training settings and every student). Students of one stage train in one pass over the cache;
   independent stages can run on different machines with ``--only train:NAME``.
 
+``{workdir}`` inside a SPEC's keyword values stands for the absolute workdir, so a file one stage
+makes can be named where a later stage reads it, wherever ``workdir`` is set: the language-model
+pipeline's ``[teacher.make]`` trains a tokenizer into ``{workdir}/tokenizer.json`` that its
+``[data]`` SPECs then read (``softcache.text:stdlib_rows,tokenizer={workdir}/tokenizer.json``). A
+sequence pipeline (token rows: see pipelines/lm.toml) has the same stages; its leaderboards rank
+students by held-out ``bits_per_token``.
+
 ``--set key=value`` edits the file before validation: dotted keys (``cache.temperature=8``,
 ``teacher.make.kwargs.epochs=3``), list positions or ``*`` for every entry (``train.0.epochs=5``,
 ``train.*.epochs=5``). Values are read as TOML (``8``, ``true``, ``[0, 1]``, ``"text"``) and as a
@@ -80,8 +87,23 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from softcache.cache.manifest import Spec
 from softcache.config import BuildOptions, SpecIn, StudentConfig, StudentGrid, SynthConfig, TrainConfig
 from softcache.errors import UsageError, first_validation_error
+
+
+WORKDIR = "{workdir}"
+"""Stands for the absolute workdir in a SPEC's keyword values (see the module docstring)."""
+
+
+def _fill(value: Any, workdir: str) -> Any:
+    if isinstance(value, str):
+        return value.replace(WORKDIR, workdir)
+    if isinstance(value, list):
+        return [_fill(v, workdir) for v in value]
+    if isinstance(value, dict):
+        return {k: _fill(v, workdir) for k, v in value.items()}
+    return value
 
 
 class _Model(BaseModel):
@@ -178,6 +200,12 @@ class PipelineConfig(_Model):
 
     def stage_names(self) -> list[str]:
         return ["teacher", "build"] + [f"train:{t.name}" for t in self.train]
+
+    def spec(self, spec: Spec | None) -> Spec | None:
+        """``spec`` as a stage calls it: ``{workdir}`` in its keyword values replaced by the absolute workdir."""
+        if spec is None:
+            return None
+        return Spec(target=spec.target, kwargs=_fill(spec.kwargs, os.path.abspath(self.workdir)))
 
     def path(self, value: str) -> str:
         """A local path resolved against ``workdir`` (absolute, so it is recorded usefully in

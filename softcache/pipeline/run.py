@@ -64,6 +64,42 @@ def digits_teacher(path: str, seed: int = 0, epochs: int = 30, device: str | Non
     return {"test_accuracy": accuracy}
 
 
+def lm_teacher(path: str, data: str, model: str = "softcache.models:gpt", *, tokenizer: str | None = None,
+               vocab_size: int = 8192, eval_data: str | None = None, steps: int = 1000, batch_size: int = 32,
+               lr: float = 2e-3, seed: int = 0, seconds: float | None = None,
+               device: str | None = None) -> dict[str, Any]:
+    """Train a causal-LM teacher on the token rows of ``data`` (a dataset SPEC) and save it as
+    safetensors at ``path``: the ``[teacher.make]`` target of a sequence pipeline.
+
+    With ``tokenizer`` a byte-level BPE tokenizer of ``vocab_size`` entries is first trained on the
+    standard library corpus into that file (reused when it is there), since the rows are read
+    through it (``softcache.text:stdlib_rows``). ``model`` is the architecture SPEC; its
+    ``vocab_size`` and ``length`` default to the rows' own. Training is
+    ``teacher.fit.train_lm_teacher`` (``steps`` of ``batch_size`` rows; ``seconds`` caps the time,
+    at the cost of weights that depend on the machine). Returns what it measured for the run
+    summary: the rows it saw and, with ``eval_data``, the teacher's held-out bits per token."""
+    from softcache.data import load_dataset
+    from softcache.sequences import as_token_rows
+    from softcache.teacher.fit import lm_bits_per_token, train_lm_teacher
+    from softcache.weights import save_model
+
+    if tokenizer:
+        from softcache.text import train_tokenizer
+
+        train_tokenizer(tokenizer, vocab_size)
+    rows = as_token_rows(load_dataset(data)[0])
+    arch = Spec.parse(model)
+    vocab = (rows.tokenizer or {}).get("vocab_size") or int(rows.tokens.max()) + 1
+    arch = Spec(target=arch.target, kwargs={"vocab_size": vocab, "length": rows.length, **arch.kwargs})
+    teacher = train_lm_teacher(rows, steps=steps, batch_size=batch_size, lr=lr, seed=seed, spec=str(arch),
+                               seconds=seconds, device=device)
+    save_model(teacher, path, arch)
+    made: dict[str, Any] = {"train_rows": len(rows), "model": str(arch)}
+    if eval_data:
+        made["bits_per_token"] = lm_bits_per_token(teacher, as_token_rows(load_dataset(eval_data)[0], rows.length))
+    return made
+
+
 def named_specs(cfg: PipelineConfig) -> list[tuple[str, Spec]]:
     """Every SPEC the file names that is code to call, with where it is written (``train.0.students.1.spec``);
     weights files are left to the stage that reads (or makes) them."""
@@ -110,7 +146,8 @@ def _exists(url: str) -> bool:
 
 
 def _teacher_spec(cfg: PipelineConfig) -> Spec:
-    spec = cfg.teacher.spec
+    spec = cfg.spec(cfg.teacher.spec)
+    assert spec is not None  # the teacher is required
     return Spec(target=cfg.path(spec.target), kwargs=spec.kwargs) if spec.is_file() else spec
 
 
@@ -134,7 +171,7 @@ def _teacher_stage(cfg: PipelineConfig, sharded: bool) -> StageResult:
     Path(target).parent.mkdir(parents=True, exist_ok=True)
     partial = f"{target}.{os.getpid()}.partial"
     try:
-        made = call_spec(cfg.teacher.make, path=partial)
+        made = call_spec(cfg.spec(cfg.teacher.make), path=partial)  # type: ignore[arg-type]
         os.replace(partial, target)
     finally:
         Path(partial).unlink(missing_ok=True)
@@ -156,16 +193,16 @@ def _build_stage(cfg: PipelineConfig, shard: str | None, progress: bool,
     assert cfg.data is not None  # one source is guaranteed by PipelineConfig
     c, url = cfg.cache, cfg.path(cfg.cache.url)
     config = BuildConfig.model_validate(c.model_dump(include=set(BuildOptions.model_fields)) | {"shard": shard})
-    kwargs: dict[str, Any] = dict(eval_data=cfg.data.eval, progress=progress, trust=trust)
+    kwargs: dict[str, Any] = dict(eval_data=cfg.spec(cfg.data.eval), progress=progress, trust=trust)
     start = time.perf_counter()
-    teacher = _teacher_spec(cfg)
+    teacher, data = _teacher_spec(cfg), cfg.spec(cfg.data.train)
     try:
-        cache = build(teacher, cfg.data.train, url, config, overwrite=False, resume=True, **kwargs)
+        cache = build(teacher, data, url, config, overwrite=False, resume=True, **kwargs)  # type: ignore[arg-type]
         replaced = False
     except TargetMismatch:
         if not c.overwrite or shard is not None:
             raise
-        cache = build(teacher, cfg.data.train, url, config, overwrite=True, **kwargs)
+        cache = build(teacher, data, url, config, overwrite=True, **kwargs)  # type: ignore[arg-type]
         replaced = True
     report = cache.build_report or {}
     target = report.get("target")
@@ -190,7 +227,7 @@ def _synthesis_stage(cfg: PipelineConfig, shard: str | None, progress: bool) -> 
     shared = {name: getattr(c, name) for name in CacheOptions.model_fields}
     shared["view_seed"] = c.view_seed or 0  # a pipeline's views are seeded with view_seed, not the synthesis seed
     result = synthesize(_teacher_spec(cfg), url, s.synth_config(), samples=s.samples, input_shape=s.input_shape,
-                        seed=s.seed, eval_data=s.eval, skip_existing=True, progress=progress, **shared)
+                        seed=s.seed, eval_data=cfg.spec(s.eval), skip_existing=True, progress=progress, **shared)
     detail = {"output": url, "cache_key": result.cache.manifest.cache_key, "complete": True,
               "synthesis_seconds": round(result.seconds, 3), "target_rate": result.target_rate,
               "fallback": result.fallback}
@@ -233,8 +270,8 @@ def _train_stage(cfg: PipelineConfig, stage: TrainStage, progress: bool, trust: 
     # The pipeline names its own data and augmentation: pass those, rather than running whatever
     # SPECs the cache at that URL records (the cache key does not cover the recorded SPEC text).
     own = cfg.data
-    data = str(own.train) if own is not None and not cache.train.has_inputs else None
-    eval_data = stage.eval_data or (own.eval if own is not None and cache.eval is not None else None)
+    data = str(cfg.spec(own.train)) if own is not None and not cache.train.has_inputs else None
+    eval_data = cfg.spec(stage.eval_data or (own.eval if own is not None and cache.eval is not None else None))
     from softcache.cache.trust import Trust
 
     # the augmentation this file names is the user's own choice; any other recorded one is checked

@@ -60,9 +60,13 @@ def storage_info(storage: str, dtype: str, classes: int | None = None) -> Storag
     mode, _, k = storage.partition(":")
     if mode == "full":
         return StorageInfo(dtype=dtype)  # type: ignore[arg-type]
+    if mode == "sample":  # the counts are uint8 whatever the float dtype
+        draws, _, seed = k.partition(":")
+        return StorageInfo(mode="sample", k=int(draws), dtype="uint8", id_dtype=layout.id_dtype(classes or 1 << 31),  # type: ignore[arg-type]
+                           values="counts", seed=int(seed or 0))
     kept = int(k)
     if classes is not None and kept >= classes:
-        raise UsageError(f"storage {storage}: K={kept} keeps every one of the teacher's {classes} classes; "
+        raise UsageError(f"storage {storage}: K={kept} keeps all {classes} of the teacher's classes (its vocabulary, for token rows); "
                          f"use --storage full, or K < {classes}")
     return StorageInfo(mode=mode, k=kept, dtype=dtype, id_dtype=layout.id_dtype(classes or 1 << 31),  # type: ignore[arg-type]
                        values="logprobs")
@@ -273,7 +277,7 @@ def build(
         getattr(dataset, "classes", None),
         list(probe_x.shape[1:]),
         temperature=cfg.temperature,
-        storage=storage_info(cfg.storage, cfg.dtype),
+        storage=storage_info(cfg.storage, cfg.dtype, int(probe.shape[1])),
         views=view_info,
         chunk_rows=cfg.chunk_rows,
         shard_chunks=cfg.shard_chunks,

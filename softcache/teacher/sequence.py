@@ -32,16 +32,20 @@ LOGIT_BYTES = 64 << 20
 def token_rows(dataset: Dataset, eval_set: Dataset | None) -> tuple[TokenRows, TokenRows | None]:
     """The training and held-out rows, the held-out ones at the training rows' length."""
     rows = as_token_rows(dataset)
-    held_out = as_token_rows(eval_set, rows.length) if eval_set is not None else None
-    if held_out is not None and len(held_out) == 0:
-        raise CacheError("the held-out corpus is empty")
+    if eval_set is not None and len(eval_set) == 0:  # type: ignore[arg-type]
+        raise CacheError("the held-out corpus is empty: no token sequences to cache")
+    held_out = as_token_rows(eval_set, rows.length, "held-out sequence") if eval_set is not None else None
     return rows, held_out
 
 
 @torch.no_grad()
 def probe_vocab(teacher: nn.Module, rows: TokenRows, device: torch.device) -> int:
-    """The teacher's vocabulary, from its output on two rows, which must be ``(batch, length, vocab)``."""
-    sample = rows.tokens[:2].to(device)
+    """The teacher's vocabulary, from its output on two rows, which must be ``(batch, length, vocab)``.
+
+    The probe rows are all id 0, which every vocabulary has: an id of the data outside the
+    vocabulary is then reported as bad data (:func:`sequence_info`) rather than as a teacher that
+    fails on its input."""
+    sample = torch.zeros_like(rows.tokens[:2]).to(device)
     try:
         out = output_logits(teacher.eval()(sample))
     except Exception as exc:  # noqa: BLE001 - any failure of the user's model is one line
