@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal, TypeVar, Union
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_serializer, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
-from softcache.cache.manifest import Spec
+from softcache.cache.manifest import SAMPLE_MAX_DRAWS, Spec
 from softcache.errors import UsageError, first_validation_error
 
 TEMPERATURE = 4.0
@@ -84,8 +84,10 @@ class CacheOptions(_Model):
 class BuildOptions(CacheOptions):
     """``CacheOptions`` plus those of labelling a dataset: a pipeline's ``[cache]`` table."""
 
-    storage: str = Field(default="full", description="full (every logit / T) or topk:K (the K most probable "
-                         "classes' ids and log-probabilities plus the leftover mass); sample:N is reserved")
+    storage: str = Field(default="full", description="full (every logit / T), topk:K (the K most probable "
+                         "classes' ids and log-probabilities plus the leftover mass) or sample:N[:SEED] (N <= "
+                         f"{SAMPLE_MAX_DRAWS} draws from the teacher's distribution at T, stored as ids and uint8 "
+                         "counts; SEED 0 unless given)")
     batch_size: int = Field(default=256, ge=1, description="rows per teacher call")
     shard_chunks: int = Field(default=1, ge=1, description="chunks per shard: the unit of work split between "
                               "workers and redone on resume")
@@ -102,9 +104,14 @@ class BuildOptions(CacheOptions):
                 raise ValueError(f"storage {value!r}: K must be a whole number >= 1 (topk:64)")
             return f"topk:{int(k)}"
         if mode == "sample":
-            raise ValueError("storage mode 'sample' is reserved in the format but not supported by this build; "
-                             "use 'full' or 'topk:K'")
-        raise ValueError(f"storage must be 'full' or 'topk:K', not {value!r}")
+            n, _, seed = k.partition(":")
+            if not n.isdigit() or not 1 <= int(n) <= SAMPLE_MAX_DRAWS:
+                raise ValueError(f"storage {value!r}: N must be a whole number from 1 to {SAMPLE_MAX_DRAWS} "
+                                 "(sample:12; the counts are stored as uint8)")
+            if seed and not seed.isdigit():
+                raise ValueError(f"storage {value!r}: SEED must be a whole number >= 0 (sample:12:3)")
+            return f"sample:{int(n)}" + (f":{int(seed)}" if seed and int(seed) else "")
+        raise ValueError(f"storage must be 'full', 'topk:K' or 'sample:N', not {value!r}")
 
 
 class BuildConfig(BuildOptions):

@@ -121,3 +121,20 @@ def test_a_group_stepping_one_by_one_ends_where_ungrouped_training_does():
     for g, a in zip(grouped, alone):
         assert g.loss_history() == a.loss_history()
         assert all(torch.equal(p, q) for p, q in zip(weights(g), weights(a)))
+
+
+def test_a_group_stepping_one_by_one_leaves_each_students_parameters_where_they_are():
+    data = loader(100)
+    runs = runs_for(LARGE, 100, 3, data)
+    where = [[p.data_ptr() for p in r.model.parameters()] for r in runs]
+    group = StudentGroup(runs, PathChooser(fixed_costs(stacked=1.4, one_by_one=1.0)))
+    for b in data.epoch(0):
+        group.step(b, b.soft, 4.0)
+    assert group.mode == "one-by-one" and group.flat is None  # nothing was stacked, nor copied
+    assert [[p.data_ptr() for p in r.model.parameters()] for r in runs] == where
+    stacked = StudentGroup(runs_for(LARGE, 100, 3, data), PathChooser(fixed_costs(stacked=1.0, one_by_one=1.4)))
+    batch = next(iter(data.epoch(0)))
+    stacked.step(batch, batch.soft, 4.0)
+    assert stacked.flat is not None  # the students' parameters now live in one buffer
+    assert all(p.untyped_storage().data_ptr() == stacked.flat.untyped_storage().data_ptr()
+               for r in stacked.runs for p in r.model.parameters())

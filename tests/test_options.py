@@ -77,8 +77,10 @@ def test_a_misspelt_build_option_is_one_usage_error(tmp_path: Path) -> None:
     teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
     with pytest.raises(UsageError, match=r"^build: tempreature: Extra inputs are not permitted"):
         build(teacher, "softcache.digits:load,split=test", str(tmp_path / "c.zarr"), tempreature=2.0)
-    with pytest.raises(UsageError, match="storage mode 'topk' is reserved"):
-        build(teacher, "softcache.digits:load,split=test", str(tmp_path / "c.zarr"), storage="topk:5")
+    with pytest.raises(UsageError, match=r"storage 'topk:x': K must be a whole number"):
+        build(teacher, "softcache.digits:load,split=test", str(tmp_path / "c.zarr"), storage="topk:x")
+    with pytest.raises(UsageError, match="K=10 keeps all 10 of the teacher's classes"):
+        build(teacher, "softcache.digits:load,split=test", str(tmp_path / "c.zarr"), storage="topk:10")
     assert not (tmp_path / "c.zarr").exists()
 
 

@@ -50,8 +50,8 @@ BAD = [
     Bad("empty-held-out-corpus", {"--eval-data": "lmkit:rows,split=eval,n=0"}, 1, "held-out corpus is empty"),
     Bad("nan-logits", {"--teacher": "lmkit:nan_teacher"}, 1, "teacher produced NaN/Inf logits for rows [0]",
         writes=True, overwrite=False),
-    Bad("topk-k-equal-to-the-vocabulary", {"--storage": "topk:64"}, 2, "K=64 keeps every one of the teacher's 64"),
-    Bad("topk-k-above-the-vocabulary", {"--storage": "topk:100"}, 2, "K=100 keeps every one of the teacher's 64"),
+    Bad("topk-k-equal-to-the-vocabulary", {"--storage": "topk:64"}, 2, "K=64 keeps all 64 of the teacher's classes"),
+    Bad("topk-k-above-the-vocabulary", {"--storage": "topk:100"}, 2, "K=100 keeps all 64 of the teacher's classes"),
 ]
 
 

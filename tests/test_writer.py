@@ -148,3 +148,68 @@ def test_a_build_over_many_shards_through_one_writer_is_complete_and_valid(tmp_p
         expected = (teacher(x) / 4.0).to(torch.float16).float()
     assert torch.equal(torch.from_numpy(cache.train.soft_labels()), expected)
     assert validate(cache.url, deep=True)["valid"]
+
+
+def test_blocks_smaller_than_a_chunk_are_gathered_into_it_as_they_arrive():
+    rec = Recorder()
+    writer = ChunkWriter(rec, 0, 32, chunk_rows=16)
+    blocks = _blocks([5, 5, 6, 16])
+    for block in blocks:
+        writer.append(block)
+    writer.close()
+    assert rec.calls == [(0, 16), (16, 16)]
+    assert np.array_equal(rec.data[0], np.arange(16)) and np.array_equal(rec.data[16], np.arange(16, 32))
+
+
+def test_blocks_of_one_chunk_that_disagree_on_dtype_stop_the_writer_with_a_clear_error():
+    writer = ChunkWriter(Recorder(), 0, 8, chunk_rows=8)
+    first, second = _blocks([4, 4])
+    writer.append(first)
+    writer.append({"id": second["id"], "sq": second["sq"].astype(np.float64)})
+    with pytest.raises(ValueError, match="'sq'.*float64.*float32"):
+        writer.close()
+
+
+def _chunk_reads(monkeypatch) -> list[str]:
+    """Chunks read through the guarded store from now on (metadata excluded)."""
+    from softcache.cache import guard
+
+    reads: list[str] = []
+    bounded = guard.GuardedStore._bounded
+
+    async def counting(self, key, prototype, limit):
+        if not key.endswith("zarr.json"):
+            reads.append(key)
+        return await bounded(self, key, prototype, limit)
+
+    monkeypatch.setattr(guard.GuardedStore, "_bounded", counting)
+    return reads
+
+
+def test_the_build_digests_its_chunks_as_it_writes_them_and_finalize_reads_none_back(tmp_path, monkeypatch):
+    from softcache.cache import guard
+    from softcache.cache.check import check_cache
+
+    torch.manual_seed(0)
+    data = LabelledTensors(torch.rand(96, 1, 8, 8), torch.randint(0, 10, (96,)), None, {"rows": 96})
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
+    reads = _chunk_reads(monkeypatch)
+    cache = build(teacher, data, str(tmp_path / "c.zarr"), chunk_rows=32, batch_size=24, progress=False)
+    assert cache.complete
+    # finalize reads the flags and the sample index (are all rows written?), no chunk for the digest
+    assert {key.split("/c/")[0] for key in reads} == {"shard_done", "sample_index"}
+    group = guard.open_group(cache.location, "r", consolidated=False)
+    fresh = guard.content_digest(group.store, check_cache(group, cache.manifest).formats())  # every chunk read back
+    assert (cache.manifest.integrity.content_digest, cache.manifest.integrity.chunks) == fresh
+    assert validate(cache.url, deep=True)["valid"]
+
+
+def test_the_teachers_weights_digest_is_the_recorded_one():
+    from softcache.weights import weights_digest
+
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))  # float weights, and an int64 buffer
+    with torch.no_grad():
+        model[0].weight.copy_(torch.arange(6.0).view(2, 3))
+        model[0].bias.copy_(torch.tensor([-1.0, 0.5]))
+    # the value earlier releases recorded: caches they built keep their keys
+    assert weights_digest(model) == "03ce92f3469f25545ef0213944af35ed086ceaf1eee5776e36b0b69f1b722f32"

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +47,31 @@ def current_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+@contextlib.contextmanager
+def rss_peak(every: float = 0.002) -> Iterator[list[float]]:
+    """Sample the resident memory every ``every`` seconds in a thread while the block runs; yields
+    a one-item list that holds the highest sample so far (the level on entry included) and the
+    highest of all once the block has ended."""
+    peak, done = [current_rss_mb()], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(every):
+            peak[0] = max(peak[0], current_rss_mb())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield peak
+    finally:
+        done.set()
+        sampler.join()
+        peak[0] = max(peak[0], current_rss_mb())
+
+
 def peak_child(url: str, mode: str, batch_size: int) -> dict[str, float | None]:
     """Run in a fresh process: load and train one student for one epoch while a thread samples
     the resident memory every 2 ms; report the highest sample above the level before loading, and
     the peak of live array bytes."""
-    import threading
     import tracemalloc
 
     cache = open_cache(url)
@@ -61,25 +84,15 @@ def peak_child(url: str, mode: str, batch_size: int) -> dict[str, float | None]:
         run.model(inputs[:batch_size]).logsumexp(-1).mean().backward()
     warm.zero_grad()
     before = current_rss_mb()
-    peak, done = [before], threading.Event()
     tracemalloc.start()  # numpy reports its array buffers to tracemalloc: the live bytes, not what malloc keeps
-
-    def sample() -> None:
-        while not done.wait(0.002):
-            peak[0] = max(peak[0], current_rss_mb())
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    loader = open_loader(cache, inputs=inputs, batch_size=batch_size, mode=mode)  # type: ignore[arg-type]
-    fit([run], loader, 1, cached_soft, cache.temperature)
-    bound = loader.memory_bound() if isinstance(loader, StreamLoader) else None
-    if isinstance(loader, StreamLoader):
-        loader.close()
-    arrays_peak = tracemalloc.get_traced_memory()[1] / 2**20
-    tracemalloc.stop()
-    done.set()
-    sampler.join()
-    peak[0] = max(peak[0], current_rss_mb())
+    with rss_peak() as peak:
+        loader = open_loader(cache, inputs=inputs, batch_size=batch_size, mode=mode)  # type: ignore[arg-type]
+        fit([run], loader, 1, cached_soft, cache.temperature)
+        bound = loader.memory_bound() if isinstance(loader, StreamLoader) else None
+        if isinstance(loader, StreamLoader):
+            loader.close()
+        arrays_peak = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
     return {"before_mb": before, "peak_mb": peak[0], "arrays_peak_mb": arrays_peak,
             "stream_bound_mb": bound / 2**20 if bound else None}
 

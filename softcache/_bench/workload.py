@@ -41,7 +41,9 @@ class WideSettings:
 
     @staticmethod
     def preset(quick: bool) -> WideSettings:
-        return WideSettings(rows=4096, build_rows=4096) if quick else WideSettings(rows=65536, build_rows=16384)
+        # the full run labels as many rows as it trains on (the size the targets are stated at); the
+        # quick one 1/16 as many, where the build's fixed part weighs more (reported beside it)
+        return WideSettings(rows=4096, build_rows=4096) if quick else WideSettings(rows=65536, build_rows=65536)
 
     def student_spec(self) -> str:
         return f"softcache.models:mlp,hidden={self.student_hidden},in_features={self.features},num_classes={self.classes}"
@@ -49,6 +51,36 @@ class WideSettings:
     def describe(self) -> dict[str, Any]:
         return self.__dict__ | {"teacher": f"MLP {self.features}-{self.teacher_hidden}-{self.teacher_hidden}-"
                                            f"{self.classes}", "student": self.student_spec(), "threads": 1}
+
+
+@dataclass(frozen=True)
+class LMSettings:
+    rows: int  # token rows labelled in the build() vs teacher comparison (the steps then train on them)
+    steps: int  # student steps per timed run
+    stream_rows: tuple[int, int]  # rows of the two caches whose streaming memory bounds are compared
+    repeats: int = 3
+    vocab: int = 8192
+    length: int = 64
+    teacher_layers: int = 4
+    teacher_width: int = 256
+    student_layers: int = 2
+    student_width: int = 128
+    k: int = 64  # storage topk:k
+    batch_size: int = 32  # rows per teacher call and per student step
+    stream_chunk_rows: int = 8  # chunking of the two streamed caches, so that both span several chunks
+
+    @staticmethod
+    def preset(quick: bool) -> LMSettings:
+        return LMSettings(rows=96, steps=2, stream_rows=(16, 48)) if quick else \
+            LMSettings(rows=512, steps=8, stream_rows=(64, 512), repeats=5)
+
+    def model_spec(self, layers: int, width: int) -> str:
+        return f"softcache.models:gpt,vocab_size={self.vocab},length={self.length},layers={layers},width={width}"
+
+    def describe(self) -> dict[str, Any]:
+        return self.__dict__ | {"teacher": self.model_spec(self.teacher_layers, self.teacher_width),
+                                "student": self.model_spec(self.student_layers, self.student_width),
+                                "storage": f"topk:{self.k}", "threads": 1}
 
 
 @dataclass(frozen=True)
@@ -64,14 +96,17 @@ class BenchSettings:
     build_batch_size: int = 256
     isolate_memory: bool = True  # measure peak memory in fresh processes (False: in this one, for tests)
     wide: WideSettings | None = None  # the 1,000-class section (softcache._bench.wide); None skips it
+    lm: LMSettings | None = None  # the language-model section (softcache._bench.lm); None skips it
 
     @staticmethod
     def preset(quick: bool) -> BenchSettings:
         if quick:
             return BenchSettings(rows=8192, chunk_rows=2048, batch_size=64, epochs=5, repeats=5, students=8,
-                                 sample_rows=2048, wide_rows=16384, wide=WideSettings.preset(True))
+                                 sample_rows=2048, wide_rows=16384, wide=WideSettings.preset(True),
+                                 lm=LMSettings.preset(True))
         return BenchSettings(rows=32768, chunk_rows=4096, batch_size=64, epochs=5, repeats=7, students=8,
-                             sample_rows=8192, wide_rows=65536, wide=WideSettings.preset(False))
+                             sample_rows=8192, wide_rows=65536, wide=WideSettings.preset(False),
+                             lm=LMSettings.preset(False))
 
 
 @dataclass

@@ -15,6 +15,7 @@ predictions against the soft labels, the cache key, and the content digest over 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -192,12 +193,13 @@ def check_cache(group: zarr.Group, manifest: Manifest, *, listing: bool = False,
     return check
 
 
-def content_digest(group: zarr.Group, check: CacheCheck) -> tuple[str, int]:
-    """``(sha256 hex, chunks)`` over every chunk of the checked arrays (see ``guard.content_digest``)."""
+def content_digest(group: zarr.Group, check: CacheCheck, written: Mapping[str, str] | None = None) -> tuple[str, int]:
+    """``(sha256 hex, chunks)`` over every chunk of the checked arrays (see ``guard.content_digest``;
+    ``written``: digests of chunks this process stored, not read again)."""
     store = group.store
     if not isinstance(store, guard.GuardedStore):
         raise TypeError("content_digest needs a group opened with guard.open_group")
-    return guard.content_digest(store, check.formats())
+    return guard.content_digest(store, check.formats(), written=written)
 
 
 def _array_paths(group: zarr.Group) -> tuple[list[str], str | None]:

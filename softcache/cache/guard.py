@@ -26,7 +26,8 @@ holds these rules in one place:
   running that are known not to be written.
 
 Writers (mode ``r+``) keep zarr's semantics for absent chunks (a partial chunk write reads the
-old chunk first), with the same bounds on what is present.
+old chunk first), with the same bounds on what is present. They note the sha256 of every chunk
+they store, so the build that wrote a chunk never reads it back for the content digest.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ ROOT_METADATA_LIMIT = 16 << 20
 """Bytes the root ``zarr.json`` may hold: it carries the consolidated metadata of every node."""
 METADATA_LIMIT = 1 << 20
 """Bytes any other ``zarr.json`` may hold (an array's is under 1 KiB)."""
+HASH_IN_THREAD_BYTES = 1 << 20
+"""Chunks this large are hashed in a worker thread while the store writes them (smaller ones
+cost less to hash than to hand over)."""
 _COORD = re.compile(r"\d+")
 
 
@@ -72,6 +76,7 @@ class _Known:
     """What the store learned from the metadata it served, shared by its read-only/writable copies."""
 
     arrays: dict[str, ArrayFormat | str] = field(default_factory=dict)  # format, or why it is refused
+    written: dict[str, bytes] = field(default_factory=dict)  # chunk key -> sha256 of the bytes stored there
 
 
 class GuardedStore(WrapperStore[Store]):
@@ -135,9 +140,29 @@ class GuardedStore(WrapperStore[Store]):
             yield key, await self.get(key, prototype, byte_range)
 
     async def set(self, key: str, value: Buffer) -> None:
-        await self._store.set(key, value)
         if key == "zarr.json" or key.endswith("/zarr.json"):  # an array (re)created here: know its format
+            await self._store.set(key, value)
             self._learn(_node_path(key), json.loads(value.to_bytes()))
+            return
+        # a chunk: its digest now, beside the producer, instead of reading it back to finalize; a
+        # large one is hashed in another thread while it is written (hashlib releases the GIL)
+        data = value.as_numpy_array()
+        if len(data) < HASH_IN_THREAD_BYTES:
+            await self._store.set(key, value)
+            digest = hashlib.sha256(data).digest()
+        else:
+            digest, _ = await asyncio.gather(asyncio.to_thread(lambda: hashlib.sha256(data).digest()),
+                                             self._store.set(key, value))
+        self._known.written[key] = digest
+
+    async def delete(self, key: str) -> None:
+        self._known.written.pop(key, None)
+        await self._store.delete(key)
+
+    def written_digests(self) -> dict[str, str]:
+        """sha256 of every chunk written through this store (or a copy of it), by key: what
+        :func:`content_digest` would compute for those chunks, known without reading them."""
+        return {key: digest.hex() for key, digest in self._known.written.items()}
 
     async def format_of(self, path: str) -> ArrayFormat:
         """The checked format of the array at ``path``: from the metadata this store served
@@ -258,15 +283,19 @@ def present_chunks(store: GuardedStore, path: str, fmt: ArrayFormat,
     return found
 
 
-def content_digest(store: GuardedStore, arrays: Mapping[str, ArrayFormat], concurrency: int = 16) -> tuple[str, int]:
+def content_digest(store: GuardedStore, arrays: Mapping[str, ArrayFormat], concurrency: int = 16,
+                   written: Mapping[str, str] | None = None) -> tuple[str, int]:
     """``(sha256 hex, chunks)`` over every chunk of ``arrays`` as stored (checksums included).
 
     The digest is sha256 over the text lines ``"<chunk key> <sha256 of its bytes>\\n"``, arrays
     by path and chunks in row-major order of their coordinates, so anyone can recompute it from
     a listing and ``sha256sum``. Every chunk is read through the guarded store (bounded, crc
-    checked, a missing one is an error), ``concurrency`` at a time."""
+    checked, a missing one is an error), ``concurrency`` at a time, except those in ``written``:
+    the digests of chunks this process stored itself (:meth:`GuardedStore.written_digests`)."""
     keys = [key for path in sorted(arrays) for key in arrays[path].keys(path)]
-    hashes: list[str] = [""] * len(keys)
+    known = written or {}
+    hashes: list[str] = [known.get(key, "") for key in keys]
+    todo = [i for i, h in enumerate(hashes) if not h]
     prototype = default_buffer_prototype()
     strict = replace_strict(store)
 
@@ -276,9 +305,9 @@ def content_digest(store: GuardedStore, arrays: Mapping[str, ArrayFormat], concu
         hashes[i] = hashlib.sha256(value.as_numpy_array()).hexdigest()
 
     async def batch(first: int) -> None:
-        await asyncio.gather(*(one(i) for i in range(first, min(first + concurrency, len(keys)))))
+        await asyncio.gather(*(one(i) for i in todo[first : first + concurrency]))
 
-    for first in range(0, len(keys), concurrency):
+    for first in range(0, len(todo), concurrency):
         run(batch(first))
     lines = "".join(f"{key} {digest}\n" for key, digest in zip(keys, hashes))
     return hashlib.sha256(lines.encode()).hexdigest(), len(keys)

@@ -28,6 +28,13 @@ Compact storage (``topk:K``, either kind) replaces the C values per view/positio
       soft_ids      (N, P, K) uint16 or int32 (the smallest holding every class id)
       soft_rest     (N, P)    float32 probability mass of the classes not kept
 
+Sampled storage (``sample:N``, either kind) stores N draws from the teacher's distribution at T
+as the distinct ids drawn and their counts, in ``S = min(N, C)`` fixed slots, most drawn first,
+unused slots id 0 count 0 (no leftover: the counts sum to N; the target is counts / N)::
+
+      soft_labels   (N, P, S) uint8   how often each id was drawn
+      soft_ids      (N, P, S) uint16 or int32
+
 Every array shares the row chunking R (``layout.chunk_rows``), and a build writes whole chunks
 only (zarr rewrites a chunk on a partial write). Shards (``layout.shard_rows`` rows, whole
 chunks) are the units of a build; a shard's flag is set only after all its chunks are stored
@@ -86,13 +93,14 @@ def split_arrays(manifest: Manifest, rows: int, *, store_inputs: bool, with_labe
     views = manifest.positions if sequence or not eval_split else 1
     r = max(1, min(lay.chunk_rows, rows)) if rows else lay.chunk_rows
     st = manifest.storage
-    width = manifest.classes.count if st.mode == "full" else int(st.k or 0)
+    width = soft_width(manifest)
     specs = {
         SOFT: ArraySpec((rows, views, width), st.dtype, (r, views, width)),
         INDEX: ArraySpec((rows,), "int64", (r,)),
     }
-    if st.mode != "full":
+    if SOFT_IDS in soft_arrays(manifest):
         specs[SOFT_IDS] = ArraySpec((rows, views, width), str(st.id_dtype), (r, views, width))
+    if SOFT_REST in soft_arrays(manifest):
         specs[SOFT_REST] = ArraySpec((rows, views), "float32", (r, views))
     if with_labels and not sequence:
         specs[LABELS] = ArraySpec((rows,), "int64", (r,))
@@ -108,6 +116,19 @@ def split_arrays(manifest: Manifest, rows: int, *, store_inputs: bool, with_labe
         p = len(manifest.views.param_names)
         specs[VIEW_PARAMS] = ArraySpec((rows, views, p), "float32", (r, views, p))
     return specs
+
+
+def soft_arrays(manifest: Manifest) -> tuple[str, ...]:
+    """The arrays one soft label is stored in: the values, plus the ids of a compact mode, plus
+    top-k's leftover mass (sampled counts sum to the draws: nothing is left over)."""
+    return {"full": (SOFT,), "topk": (SOFT, SOFT_IDS, SOFT_REST), "sample": (SOFT, SOFT_IDS)}[manifest.storage.mode]
+
+
+def soft_width(manifest: Manifest) -> int:
+    """Entries per soft label: every class (full), the k kept (topk), or one slot per distinct id
+    the draws can hold (sample: at most ``min(k, classes)``)."""
+    st, classes = manifest.storage, manifest.classes.count
+    return {"full": classes, "topk": int(st.k or 0), "sample": min(int(st.k or 0), classes)}[st.mode]
 
 
 def id_dtype(classes: int) -> str:

@@ -20,7 +20,7 @@ from softcache.errors import CacheError, UsageError, first_validation_error
 SCHEMA_VERSION = 2
 """Bumped on any change an older reader could misread. Readers refuse newer versions.
 
-Version 2 added token-sequence rows and compact (top-k) soft labels. A cache of classified
+Version 2 added token-sequence rows and compact (top-k, sampled) soft labels. A cache of classified
 samples with full storage is still written as version 1, which 0.1 readers open unchanged; only
 caches an older reader would misread carry version 2 (see :func:`format_version`)."""
 
@@ -110,6 +110,10 @@ class ClassInfo(_Model):
     names: list[str] | None = None
 
 
+SAMPLE_MAX_DRAWS = 255
+"""Draws a ``sample`` cache may take per row/position: its counts are stored as uint8."""
+
+
 class StorageInfo(_Model):
     """How soft labels are stored.
 
@@ -117,15 +121,42 @@ class StorageInfo(_Model):
     ``topk``: the ``k`` most probable classes at the cache temperature: their ids
     (``soft_ids``, ``id_dtype``), their log-probabilities at T (``soft_labels``) and the
     probability mass left over (``soft_rest``, float32, computed from the full distribution).
-    ``sample``: reserved for ``k`` classes drawn from the teacher distribution, stored as counts."""
+    ``sample``: ``k`` draws with replacement from the teacher's distribution at T, seeded by
+    ``seed`` and the row, position and draw (``teacher.label.sample_counts`` states the rule): the
+    distinct ids drawn (``soft_ids``) and how often each was drawn (``soft_labels``, uint8 counts
+    summing to ``k``), most drawn first, in ``min(k, classes)`` slots, unused slots id 0 count 0.
+    The target ``counts / k`` is an unbiased estimate of the teacher's distribution; no leftover."""
 
     mode: Literal["full", "topk", "sample"] = "full"
-    k: int | None = Field(default=None, ge=1, description="entries kept per row/position (topk, sample)")
-    dtype: Literal["float16", "float32"] = Field(default="float16", description="dtype of the stored values")
+    k: int | None = Field(default=None, ge=1, description="entries kept per row/position (topk), draws per "
+                          "row/position (sample)")
+    dtype: Literal["float16", "float32", "uint8"] = Field(
+        default="float16", description="dtype of the stored values (soft_labels): float for full and topk, uint8 "
+                                       "counts for sample")
     id_dtype: Literal["uint16", "int32"] | None = Field(
         default=None, description="dtype of soft_ids: the smallest that holds every class id (compact modes)")
-    values: Literal["logits", "logprobs"] = Field(
-        default="logits", description="logits: z / T (full); logprobs: log softmax(z / T) of the kept ids (topk)")
+    values: Literal["logits", "logprobs", "counts"] = Field(
+        default="logits", description="logits: z / T (full); logprobs: log softmax(z / T) of the kept ids (topk); "
+                                      "counts: how often each stored id was drawn (sample)")
+    seed: int | None = Field(
+        default=None, ge=0, description="sample: seeds the draws (row r's draws are a function of seed, r, position "
+                                        "and draw only, so shards and resumed builds draw alike); absent otherwise")
+
+    def problem(self, classes: int) -> str | None:
+        """What is inconsistent in this storage for a cache of ``classes`` classes, or None."""
+        floats = self.dtype in ("float16", "float32")
+        if self.mode == "full" and (self.k is not None or self.values != "logits" or not floats):
+            return "full storage keeps no k and stores float logits"
+        if self.mode == "topk" and (self.k is None or self.id_dtype is None or self.values != "logprobs"
+                                    or self.k >= classes or not floats):
+            return "topk storage needs k < classes, an id_dtype and float values 'logprobs'"
+        if self.mode == "sample" and (self.k is None or self.k > SAMPLE_MAX_DRAWS or self.id_dtype is None
+                                      or self.values != "counts" or self.dtype != "uint8" or self.seed is None):
+            return (f"sample storage needs 1 <= k <= {SAMPLE_MAX_DRAWS} draws, an id_dtype, a seed and uint8 "
+                    "values 'counts'")
+        if self.mode != "sample" and self.seed is not None:
+            return f"{self.mode} storage draws nothing and keeps no seed"
+        return None
 
 
 class TokenizerInfo(_Model):
@@ -234,14 +265,9 @@ class Manifest(_Model):
         if self.schema_version < format_version(self.kind, self.storage):
             raise ValueError(f"schema_version {self.schema_version} cannot describe a {self.kind} cache with "
                              f"{self.storage.mode} storage")
-        st = self.storage
-        if st.mode == "full" and (st.k is not None or st.values != "logits"):
-            raise ValueError("full storage keeps no k and stores logits")
-        if st.mode == "topk" and (st.k is None or st.id_dtype is None or st.values != "logprobs"
-                                  or st.k >= self.classes.count):
-            raise ValueError("topk storage needs k < classes, an id_dtype and values 'logprobs'")
-        if st.mode == "sample":
-            raise ValueError("storage mode 'sample' is reserved and not yet readable")
+        problem = self.storage.problem(self.classes.count)
+        if problem:
+            raise ValueError(problem)
         return self
 
     @field_validator("schema_version")
@@ -267,6 +293,8 @@ class Manifest(_Model):
         # fields at their defaults that a version-1 reader does not know are left out, so a
         # version-1 cache stays byte-for-byte what 0.1 wrote and reads
         data = self.model_dump(mode="json")
+        if self.storage.seed is None:  # only sampled storage has one
+            data["storage"].pop("seed", None)
         if self.schema_version < 2:
             for key in ("kind", "sequence"):
                 data.pop(key, None)
@@ -318,7 +346,7 @@ def compute_cache_key(
         "source": source.model_dump(mode="json", exclude={"spec", "info"}),
         "classes": classes.count,
         "temperature": temperature,
-        "storage": storage.model_dump(mode="json", exclude=None if version > 1 else {"id_dtype", "values"}),
+        "storage": storage.model_dump(mode="json", exclude=_unkeyed(storage, version)),
         "views": views.model_dump(mode="json"),
         "eval": eval_source.fingerprint if eval_source else None,
     }
@@ -326,6 +354,13 @@ def compute_cache_key(
         determining["sequence"] = sequence.model_dump(mode="json")
     blob = json.dumps(determining, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()
+
+
+def _unkeyed(storage: StorageInfo, version: int) -> set[str] | None:
+    """Storage fields left out of the key: those a cache of ``version`` does not record (so keys
+    computed before a field existed stay as they were)."""
+    left = ({"id_dtype", "values"} if version < 2 else set()) | ({"seed"} if storage.seed is None else set())
+    return left or None
 
 
 def now_iso() -> str:

@@ -46,7 +46,7 @@ import zarr
 from softcache.cache import lock as buildlock
 from softcache.cache import store
 from softcache.cache.check import CacheCheck, check_cache, content_digest
-from softcache.cache.guard import open_group, read_manifest
+from softcache.cache.guard import GuardedStore, open_group, read_manifest
 from softcache.cache.layout import EVAL, INDEX, SHARD_DONE, ArraySpec, flag_spec
 from softcache.cache.location import Location
 from softcache.cache.manifest import Integrity, Manifest, now_iso
@@ -306,8 +306,10 @@ def finalize(url: str | Location) -> Manifest:
     return _finalize(Location.of(url), again=True)
 
 
-def _finalize(where: Location, again: bool) -> Manifest:
-    """:func:`finalize`; with ``again`` False a cache already complete is left as it is."""
+def _finalize(where: Location, again: bool, written: Mapping[str, str] | None = None) -> Manifest:
+    """:func:`finalize`; with ``again`` False a cache already complete is left as it is.
+    ``written``: digests of chunks this process stored (``guard.GuardedStore.written_digests``),
+    taken as they are instead of read back; every other chunk is read."""
     where.require_writable("finalize a cache")
     group = open_group(where, "r", consolidated=False)
     manifest = read_manifest(group, where)
@@ -317,7 +319,7 @@ def _finalize(where: Location, again: bool) -> Manifest:
     if check.errors:
         raise CacheError(f"{where}: cannot finalize: " + "; ".join(check.errors))
     store.remove_partial_files(where)
-    digest, chunks = content_digest(group, check)
+    digest, chunks = content_digest(group, check, written)
     integrity = Integrity(chunk_checksum=None if check.unverified else "crc32c", content_digest=digest, chunks=chunks)
     completing = manifest.status.state != "complete"
     consolidated = store.consolidate(where)
@@ -337,14 +339,19 @@ def finalize_if_done(url: str | Location, group: zarr.Group) -> bool:
 
     ``group`` is the worker's own root group from :func:`open_target`: its manifest is the one
     read or written when it was opened, and the flags are read through it, fresh. Finalizing
-    opens the store read-only once more, and leaves it alone when another worker finished first."""
+    opens the store read-only once more, and leaves it alone when another worker finished first.
+    The chunks this worker wrote through ``group`` enter the content digest by the digests noted
+    while they were written (the writer thread computed them beside the teacher); the others
+    are read."""
     manifest = read_manifest(group, url)
     if manifest.status.state == "complete":
         return True
     done, total = units_done(group, manifest)
     if done < total:
         return False
-    _finalize(Location.of(url), again=False)
+    store = group.store
+    _finalize(Location.of(url), again=False,
+              written=store.written_digests() if isinstance(store, GuardedStore) else None)
     return True
 
 

@@ -159,8 +159,7 @@ class ChunkWriter:
     # -- writer thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
-        parts: list[Block] = []  # rows received but not yet written, in order
-        held = 0
+        chunk: _Chunk | None = None  # the chunk being assembled from blocks smaller than it
         current: _Range | None = None
         row = 0  # first row of ``current`` not yet written
         try:
@@ -181,15 +180,21 @@ class ChunkWriter:
                     if block_rows(made) != item.rows:
                         raise ValueError(f"a deferred block promised {item.rows} rows but made {block_rows(made)}")
                     item = made
-                parts.append(item)
-                held += block_rows(item)
-                while held and current is not None:
+                assert current is not None  # ``append`` refuses rows before ``begin``
+                n, offset = block_rows(item), 0
+                while offset < n:
                     # rows up to the next boundary of the chunk grid, or to the end of the range
                     target = min(self._chunk - row % self._chunk, current.rows.stop - row)
-                    if held < target:
-                        break
-                    head, parts = _take(parts, target)
-                    held -= target
+                    if chunk is None and n - offset >= target:  # the block covers the chunk: no copy
+                        head = item if offset == 0 and n == target else {k: v[offset : offset + target]
+                                                                          for k, v in item.items()}
+                        offset += target
+                    else:
+                        chunk = chunk or _Chunk(item, target)
+                        offset += chunk.fill(item, offset)
+                        if not chunk.full:
+                            break
+                        head, chunk = chunk.arrays, None
                     self._write(row, head)
                     row += target
                     with self._cond:
@@ -205,22 +210,30 @@ class ChunkWriter:
                 self._cond.notify_all()
 
 
-def _take(parts: list[Block], n: int) -> tuple[Block, list[Block]]:
-    """The first ``n`` rows of ``parts`` as one block (a view when one part covers them) and the rest."""
-    taken: list[Block] = []
-    got = 0
-    rest = list(parts)
-    while got < n:
-        part = rest.pop(0)
-        rows = block_rows(part)
-        if got + rows <= n:
-            taken.append(part)
-            got += rows
-        else:
-            cut = n - got
-            taken.append({k: v[:cut] for k, v in part.items()})
-            rest.insert(0, {k: v[cut:] for k, v in part.items()})
-            got = n
-    if len(taken) == 1:
-        return taken[0], rest
-    return {k: np.concatenate([t[k] for t in taken]) for k in taken[0]}, rest
+class _Chunk:
+    """One chunk's rows, gathered from the blocks that hold them as each block arrives: the
+    copies happen beside the producer's work, so once the last rows of a chunk arrive it is
+    written at once (no concatenation of its parts between the producer's last block and the
+    write). Arrays take the dtype and row shape of the chunk's first block."""
+
+    def __init__(self, like: Block, rows: int):
+        self.arrays = {k: np.empty((rows, *v.shape[1:]), dtype=v.dtype) for k, v in like.items()}
+        self.rows, self.filled = rows, 0
+
+    @property
+    def full(self) -> bool:
+        return self.filled == self.rows
+
+    def fill(self, block: Block, offset: int) -> int:
+        """Copy rows of ``block`` from ``offset`` until the chunk is full; returns how many."""
+        if block.keys() != self.arrays.keys():
+            raise ValueError(f"blocks of one chunk name different arrays: {sorted(block)} and {sorted(self.arrays)}")
+        n = min(self.rows - self.filled, block_rows(block) - offset)
+        for k, target in self.arrays.items():
+            values = block[k]
+            if values.shape[1:] != target.shape[1:] or values.dtype != target.dtype:
+                raise ValueError(f"array {k!r}: a block of shape {values.shape[1:]} {values.dtype} follows "
+                                 f"{target.shape[1:]} {target.dtype} in one chunk")
+            target[self.filled : self.filled + n] = values[offset : offset + n]
+        self.filled += n
+        return n

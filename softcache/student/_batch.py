@@ -16,11 +16,20 @@ from softcache.sequences import next_token_targets
 class TopK:
     """A compact teacher distribution at the cache temperature: the kept classes' ``ids`` and
     log-probabilities ``logp`` ``(..., K)``, and the probability mass ``rest`` ``(...)`` of all
-    the others (see ``cache.manifest.StorageInfo``)."""
+    the others (see ``cache.manifest.StorageInfo``). A slot of probability 0 (``logp`` -inf)
+    holds no class: the loss skips it."""
 
     ids: torch.Tensor
     logp: torch.Tensor
     rest: torch.Tensor
+
+    @staticmethod
+    def sampled(ids: torch.Tensor, counts: torch.Tensor) -> TopK:
+        """The target of sampled storage: ``counts / draws`` on the drawn ids (the draws are the
+        counts' sum, which is the cache's N), -inf on the unused slots, nothing left over."""
+        counts = counts.to(torch.float32)
+        logp = (counts / counts.sum(-1, keepdim=True).clamp(min=1)).log()
+        return TopK(ids, logp, torch.zeros(counts.shape[:-1], dtype=torch.float32, device=counts.device))
 
     def select(self, index: torch.Tensor) -> TopK:
         """The entries at ``index`` of the leading (flattened) axis."""
@@ -51,13 +60,17 @@ class Batch:
 
 def token_batch(rows: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, values: torch.Tensor,
                 ids: torch.Tensor | None, rest: torch.Tensor | None, device: torch.device) -> Batch:
-    """A batch of token rows from their arrays as stored (narrow ids, float16 values), widened
-    here: the tokens are the student's input, the next-token targets its labels. Both loaders of
-    token rows (in RAM and streamed) build their batches here, so they serve the same batch."""
+    """A batch of token rows from their arrays as stored (narrow ids, float16 values or uint8
+    counts), widened here: the tokens are the student's input, the next-token targets its labels.
+    Ids with a leftover ``rest`` are top-k storage, ids without one sampled counts
+    (:meth:`TopK.sampled`). Both loaders of token rows (in RAM and streamed) build their batches
+    here, so they serve the same batch."""
     tokens, mask = tokens.to(device, torch.int64), mask.to(device)
     soft: Soft = values.to(device, torch.float32)
     if ids is not None and rest is not None:
         soft = TopK(ids.to(device, torch.int64), soft, rest.to(device, torch.float32))
+    elif ids is not None:
+        soft = TopK.sampled(ids.to(device, torch.int64), soft)
     return Batch(rows=rows.to(device), inputs=tokens, soft=soft, labels=next_token_targets(tokens, mask),
                  mask=mask > 0)
 

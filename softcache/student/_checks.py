@@ -41,12 +41,14 @@ def check_temperature(cache: Cache) -> None:
 
 
 def check_compact_temperature(cache: Cache, configs: Sequence[StudentConfig]) -> None:
-    """A top-k cache stores probabilities at its own temperature: another temperature cannot be
-    recovered from K values and a leftover mass, so it is refused rather than approximated."""
+    """A top-k cache stores probabilities at its own temperature, a sampled one draws at it:
+    another temperature cannot be recovered from K values and a leftover mass, nor from counts,
+    so it is refused rather than approximated."""
     st = cache.manifest.storage
     other = [c for c in configs if st.mode != "full" and c.alpha > 0 and c.temperature != cache.temperature]
     if other:
-        raise UsageError(f"{cache.location}: this {st.mode}:{st.k} cache holds the teacher's probabilities at "
+        holds = "draws from the teacher's distribution" if st.mode == "sample" else "the teacher's probabilities"
+        raise UsageError(f"{cache.location}: this {st.mode}:{st.k} cache holds {holds} at "
                          f"T={cache.temperature:g}; student {other[0].display_name()} asks for T="
                          f"{other[0].temperature:g}, which a compact cache cannot give exactly: train at "
                          f"--temperature {cache.temperature:g}")
@@ -161,5 +163,6 @@ def _all_finite(block: torch.Tensor) -> bool:
     if block.numel() == 0:
         return True
     if block.dtype == torch.float16:
-        return bool(block.amax().isfinite()) and bool(block.amin().isfinite())
+        low, high = torch.aminmax(block)  # both extremes in one pass
+        return bool(low.isfinite()) and bool(high.isfinite())
     return bool(block.sum().isfinite())

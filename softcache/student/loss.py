@@ -12,6 +12,7 @@ value times T_cache / T2: exact for full storage (up to the storage dtype's roun
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -73,10 +74,13 @@ def distillation_loss(
     the terms are means over these rows, as always.
     """
     total = student_logits.new_zeros(())
+    log_student = None
     if alpha > 0:
         if teacher_scaled is None:
             raise ValueError("alpha > 0 needs teacher soft labels")
-        log_student = F.log_softmax(student_logits / temperature, dim=-1)
+        # at T = 1 the soft term's log-softmax is the hard term's too (the same kernel on the
+        # same values: bit for bit what cross_entropy computes), so it is computed once
+        log_student = F.log_softmax(student_logits if temperature == 1 else student_logits / temperature, dim=-1)
         if isinstance(teacher_scaled, TopK):
             kl = topk_kl(log_student, teacher_scaled, labels, leftover, count=None if counts is None else counts[0])
         else:
@@ -87,11 +91,14 @@ def distillation_loss(
                 kl = F.kl_div(log_student, log_teacher, reduction="sum", log_target=True) / max(1.0, counts[0])
         total = total + alpha * temperature * temperature * kl
     if alpha < 1 and labels is not None and (bool((labels >= 0).any()) if counts is None else counts[1] > 0):
+        shared = log_student is not None and temperature == 1 and label_smoothing == 0
         if counts is None:
-            ce = F.cross_entropy(student_logits, labels, ignore_index=-1, label_smoothing=label_smoothing)
+            ce = F.nll_loss(log_student, labels, ignore_index=-1) if shared else \
+                F.cross_entropy(student_logits, labels, ignore_index=-1, label_smoothing=label_smoothing)
         else:
-            ce = F.cross_entropy(student_logits, labels, ignore_index=-1, label_smoothing=label_smoothing,
-                                 reduction="sum") / counts[1]
+            ce = (F.nll_loss(log_student, labels, ignore_index=-1, reduction="sum") if shared else
+                  F.cross_entropy(student_logits, labels, ignore_index=-1, label_smoothing=label_smoothing,
+                                  reduction="sum")) / counts[1]
         total = total + (1 - alpha) * ce
     return total
 
@@ -101,6 +108,14 @@ def _xlogy(p: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p * log_p, 0.0)
 
 
+def _cross(logp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """``p * (log p - log q)`` per slot, 0 where ``p`` is 0 (or not a number). The slots left out
+    compute with ``log p`` 0, so that no NaN reaches the gradient through the branch not taken."""
+    live = logp > -math.inf
+    safe = torch.where(live, logp, 0.0)
+    return torch.where(live, safe.exp() * (safe - lq), 0.0)
+
+
 def topk_kl(log_student: torch.Tensor, teacher: TopK, labels: torch.Tensor | None,
             leftover: Leftover = "bucket", count: float | None = None) -> torch.Tensor:
     """KL from a top-k teacher distribution to the student's ``log_student`` ``(n, C)``, mean
@@ -108,16 +123,19 @@ def topk_kl(log_student: torch.Tensor, teacher: TopK, labels: torch.Tensor | Non
     with ``count``, the sum over the rows divided by ``count`` instead (a rank's share of a global
     batch of ``count`` rows, see :func:`distillation_loss`).
 
+    A slot of probability 0 (an unused slot of sampled counts, ``logp`` -inf) adds exactly 0 to
+    the loss and to its gradient: its term is selected away, never multiplied by 0 (0 * -inf is
+    NaN). Sampled counts leave nothing over (``rest`` 0), so ``leftover`` does not change them.
+
     Touches K of the C student entries per row (one gather) plus the log-sum of the rest."""
     lq = log_student.gather(-1, teacher.ids.long())
     logp = teacher.logp.to(log_student.dtype)
-    p = logp.exp()
     n = max(1, log_student.shape[0] if count is None else count)
     if leftover == "renormalize":
         logp = logp - logp.logsumexp(-1, keepdim=True)
-        return (logp.exp() * (logp - lq)).sum() / n
+        return _cross(logp, lq).sum() / n
     rest = teacher.rest.to(log_student.dtype)
-    kept = (p * (logp - lq)).sum(-1)
+    kept = _cross(logp, lq).sum(-1)
     # the student's mass outside the kept ids, as a log: log(1 - sum q_k), clamped off log(0)
     log_q_rest = torch.log1p(-lq.exp().sum(-1).clamp(max=1 - 1e-6))
     if leftover == "label" and labels is not None:
@@ -135,7 +153,8 @@ def flatten_positions(logits: torch.Tensor, soft: Soft | None, labels: torch.Ten
     of this module applies per position: the soft term averages over those positions, the hard
     term over those with a next token (label >= 0)."""
     c = logits.shape[-1]
-    keep = mask.reshape(-1).nonzero().squeeze(-1) if mask is not None else None
+    # every position counts (packed corpora): no selection, which would copy the logits
+    keep = mask.reshape(-1).nonzero().squeeze(-1) if mask is not None and not bool(mask.all()) else None
     flat = logits.reshape(-1, c)
     target = labels.reshape(-1)
     if isinstance(soft, TopK):

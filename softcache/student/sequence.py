@@ -1,7 +1,7 @@
 """Stage 2 for token rows: batches of a language-model cache, its checks, and its evaluation.
 
 A row of a ``sequence`` cache is ``L`` token ids, their loss mask and one soft label per position
-(full ``z / T`` or top-k, see ``cache.manifest.StorageInfo``). Batches carry the tokens as the
+(full ``z / T``, top-k or sampled counts, see ``cache.manifest.StorageInfo``). Batches carry the tokens as the
 student's input, the next-token targets as labels (``sequences.next_token_targets``) and the
 mask, so :class:`~softcache.student.run.StudentRun` steps a causal LM exactly as it steps a
 classifier, position by position (``loss.flatten_positions``).
@@ -66,9 +66,9 @@ class SequenceLoader:
         self.tokens = _read(chosen, layout.TOKENS)
         self.mask = _read(chosen, layout.LOSS_MASK)
         self.values = _read(chosen, layout.SOFT)
-        compact = cache.manifest.storage.mode != "full"
-        self.ids = _read(chosen, layout.SOFT_IDS) if compact else None
-        self.rest = _read(chosen, layout.SOFT_REST) if compact else None
+        stored = layout.soft_arrays(cache.manifest)
+        self.ids = _read(chosen, layout.SOFT_IDS) if layout.SOFT_IDS in stored else None
+        self.rest = _read(chosen, layout.SOFT_REST) if layout.SOFT_REST in stored else None
         check_tokens(cache, chosen, self.tokens, self.ids)
         self.batch_size, self.shuffle_seed, self.shuffle = batch_size, shuffle_seed, shuffle
         self.rank, self.world_size = rank, world_size

@@ -178,15 +178,39 @@ def vmap_forward(template: nn.Module) -> Forward:
 
 
 class StudentGroup:
-    """K students of one architecture stepped together; ``step`` has a :class:`Student`'s signature."""
+    """K students of one architecture stepped together; ``step`` has a :class:`Student`'s signature.
+
+    The flat buffer, its stacked views and the stacked Adam are built on the first stacked step
+    (:meth:`_stack`): a group that steps one by one (its architecture cannot be stacked, or
+    stacking is measured slower) never copies its students' weights, so it costs what the same
+    students stepped ungrouped cost, and computes the same: each student's parameters stay its own.
+    """
 
     def __init__(self, runs: Sequence[Student], chooser: PathChooser = DEFAULT_CHOOSER):
         self.runs = list(runs)
+        first = dict(self.runs[0].model.named_parameters())
+        self.names = list(first)
+        self.shapes = [first[n].shape for n in self.names]
+        self.device = first[self.names[0]].device
+        self.flat: torch.Tensor | None = None  # the K students' parameters, once stacked
+        self.grad: torch.Tensor | None = None
+        self.optimizer: StackedAdam | None = None
+        self.blocks: list[slice] = []
+        self._stacked: dict[str, torch.Tensor] = {}
+        self._state_in = "runs"  # where the current Adam state lives: "group" (once stacked) or "runs"
+        self._chooser = chooser
+        self._loss: LossSettings | None = None
+        self._template = self.runs[0].model
+        self._forward: Forward | None = None
+        self.mode = "pending"  # "sequential-layers" | "vmap" | "one-by-one" after the first step
+
+    def _stack(self) -> None:
+        """Move the students' parameters into one flat buffer and their Adam state into one
+        :class:`StackedAdam` (once, before the first stacked step)."""
+        if self.flat is not None:
+            return
         k = len(self.runs)
-        models = [r.model for r in self.runs]
-        named = [dict(m.named_parameters()) for m in models]
-        self.names = list(named[0])
-        self.shapes = [named[0][n].shape for n in self.names]
+        named = [dict(r.model.named_parameters()) for r in self.runs]
         sizes = [k * named[0][n].numel() for n in self.names]
         self.blocks = [slice(a, a + n) for a, n in zip(itertools.accumulate([0, *sizes[:-1]]), sizes)]
         # parameter i of all K students is block i of one flat buffer, laid out (K, *shape): each
@@ -194,7 +218,6 @@ class StudentGroup:
         # student's module keeps working on its current weights
         self.flat = torch.cat([torch.stack([params[n].detach() for params in named]).reshape(-1) for n in self.names])
         self.grad = torch.zeros_like(self.flat)
-        self._stacked: dict[str, torch.Tensor] = {}
         for name, block, shape in zip(self.names, self.blocks, self.shapes):
             for j, params in enumerate(named):
                 params[name].data = self.flat[block].view(k, *shape)[j]
@@ -208,15 +231,11 @@ class StudentGroup:
         self.optimizer = StackedAdam(self.flat, self.grad, student, [s[0] for s in settings],  # type: ignore[index]
                                      [s[1] for s in settings], betas, eps)  # type: ignore[index]
         self._import_state()
-        self._state_in = "group"  # where the current Adam state lives: "group" or "runs"
-        self._chooser = chooser
-        self._loss: LossSettings | None = None
-        self._template = models[0]
-        self._forward: Forward | None = None
-        self.mode = "pending"  # "sequential-layers" | "vmap" | "one-by-one" after the first step
+        self._state_in = "group"
 
     def stacked_params(self) -> dict[str, torch.Tensor]:
         """Each parameter of the K students as one ``(K, *shape)`` leaf tensor (views of the buffer)."""
+        self._stack()
         return self._stacked
 
     def _student_view(self, buffer: torch.Tensor, i: int, j: int) -> torch.Tensor:
@@ -225,6 +244,8 @@ class StudentGroup:
 
     def _state_to_group(self) -> None:
         """Take the Adam state back from the students' optimizers before a stacked step."""
+        if self.flat is None:
+            self._stack()  # imports the state
         if self._state_in == "group":
             return
         self._import_state()
@@ -232,6 +253,7 @@ class StudentGroup:
 
     def _import_state(self) -> None:
         """Carry over Adam moments from earlier training, so regrouping never resets them."""
+        assert self.optimizer is not None
         states = [[r.optimizer.state.get(p) for p in r.model.parameters()] for r in self.runs]
         present = [s for per_run in states for s in per_run if s]
         if not present:
@@ -247,7 +269,7 @@ class StudentGroup:
 
     def export_state(self) -> None:
         """Write the Adam moments back into each student's own optimizer (after a pass)."""
-        if self._state_in == "group" and self.optimizer.step_count > 0:
+        if self._state_in == "group" and self.optimizer is not None and self.optimizer.step_count > 0:
             self._state_to_runs()
 
     def _state_to_runs(self) -> None:
@@ -255,7 +277,7 @@ class StudentGroup:
         if self._state_in == "runs":
             return
         self._state_in = "runs"
-        if self.optimizer.step_count == 0:
+        if self.optimizer is None or self.optimizer.step_count == 0:
             return
         for j, run in enumerate(self.runs):
             for i, p in enumerate(run.model.parameters()):
@@ -270,10 +292,15 @@ class StudentGroup:
         probe = x[: min(len(x), 8)]
         with torch.no_grad():
             expected = torch.stack([r.model(probe) for r in self.runs])
+            # the students' current weights stacked as the buffer will hold them (a copy: a group
+            # that ends up stepping one by one never moves its students' parameters)
+            named = [dict(r.model.named_parameters()) for r in self.runs]
+            params = self._stacked if self.flat is not None else {
+                name: torch.stack([p[name].detach() for p in named]) for name in self.names}
             for mode, make in (("sequential-layers", sequential_forward), ("vmap", vmap_forward)):
                 try:
                     forward = make(self._template)
-                    if forward is not None and torch.allclose(forward(self.stacked_params(), probe), expected,
+                    if forward is not None and torch.allclose(forward(params, probe), expected,
                                                               rtol=1e-4, atol=1e-5):
                         self._forward, self.mode = forward, mode
                         return
@@ -297,7 +324,7 @@ class StudentGroup:
         """Stacked or one by one for this architecture (:mod:`softcache.student._choice`): timed
         on copies of the first student, the same number of them whatever this group holds."""
         first = self.runs[0]
-        key = (first.config.spec_key(), tuple(self.shapes), str(self.flat.device), self.mode,
+        key = (first.config.spec_key(), tuple(self.shapes), str(self.device), self.mode,
                tuple(batch.inputs.shape), None if soft is None else tuple(soft.shape), torch.get_num_threads())
 
         def probe_group() -> StudentGroup:
@@ -307,7 +334,7 @@ class StudentGroup:
             return group
 
         groups: list[StudentGroup] = []
-        device = self.flat.device
+        device = self.device
 
         def finish() -> None:  # a CUDA step is done when its kernels are, not when they are queued
             if device.type == "cuda":
@@ -337,7 +364,9 @@ class StudentGroup:
     def _step_stacked(self, batch: Batch, soft: torch.Tensor | None, cache_temperature: float) -> None:
         start = time.perf_counter()
         assert self._forward is not None
-        logits = self._forward(self.stacked_params(), batch.inputs)
+        params = self.stacked_params()
+        assert self.grad is not None and self.optimizer is not None
+        logits = self._forward(params, batch.inputs)
         if self._loss is None or self._loss.cache_temperature != cache_temperature:
             cfgs = [r.config for r in self.runs]
             self._loss = LossSettings.make([c.temperature for c in cfgs], [c.alpha for c in cfgs],

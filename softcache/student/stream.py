@@ -22,7 +22,7 @@ epoch either way.
 
 Token rows (a ``sequence`` cache) stream the same way: a row carries its tokens ``(L,)``, loss
 mask ``(L,)`` and soft labels ``(L, W)``, with ``soft_ids`` ``(L, K)`` and ``soft_rest`` ``(L,)``
-for top-k storage; every position is kept (no view is picked) and batches are the ones
+for top-k storage (``soft_ids`` alone for sampled counts); every position is kept (no view is picked) and batches are the ones
 :class:`~softcache.student.sequence.SequenceLoader` makes (``_batch.token_batch``). Shuffle
 quality matters more here: a chunk holds few rows of many tokens, and a buffer of a few chunks
 gives an epoch's batches less variety than a shuffle of every row (measured on a 100-row cache
@@ -31,7 +31,7 @@ of 7 chunks, 5 seeds: students 0.05 bits per token worse with 2 chunks per group
 Memory bound of ``stream`` mode: with ``G = buffer_chunks * chunk_rows * B``, ``B`` the stored
 bytes of one row summed over every streamed array (a sample cache: ``V * C * itemsize`` of soft
 labels plus its stored inputs when those are streamed; a token row: ``L * (4 + 1 + W * itemsize)``
-plus ``L * (K * id_itemsize + 4)`` for top-k), at most ``(1 + readers + in_flight) * G`` plus one chunk
+plus ``L * (K * id_itemsize + 4)`` for top-k, ``L * K * id_itemsize`` for sampled counts), at most ``(1 + readers + in_flight) * G`` plus one chunk
 being decoded per reader: the group being cut into batches, the group being read by each of the
 ``readers`` (``max(1, workers)``), and ``in_flight`` groups read ahead (``prefetch``, times
 ``workers`` with workers). Chunks are decoded straight into the group's array, and the shuffle
@@ -93,9 +93,8 @@ def _is_remote(url: str) -> bool:
 
 def token_arrays(manifest: Manifest) -> tuple[str, ...]:
     """The arrays a token row is served from: tokens, loss mask and soft labels, with the kept
-    ids and the leftover mass under top-k storage."""
-    compact = (layout.SOFT_IDS, layout.SOFT_REST) if manifest.storage.mode != "full" else ()
-    return (layout.TOKENS, layout.LOSS_MASK, layout.SOFT, *compact)
+    ids (and the leftover mass under top-k storage; see ``layout.soft_arrays``)."""
+    return (layout.TOKENS, layout.LOSS_MASK, *layout.soft_arrays(manifest))
 
 
 def data_parallel(batch_size: int, world_size: int) -> tuple[int, bool]:

@@ -5,6 +5,13 @@ is the teacher's call, and :func:`stored_arrays` (scaling by 1/T, the statistics
 storage dtype) is CPU work on logits the teacher no longer touches, which the build hands to
 its background writer (``cache.writer.Deferred``) to run beside the teacher's next call. The
 stored values are the same bit for bit whichever thread computes them.
+
+Sampled storage (``sample:N``) draws with a counter-based rule rather than a random stream: draw
+``d`` of position ``p`` of row ``r`` (the row's number in its split) is the class whose interval
+of the cumulative distribution at T holds ``u * total``, where ``u`` in [0, 1) is the top 53 bits
+of a splitmix64 hash chain over ``(seed, r, p, d)`` (:func:`draw_uniforms`). A draw is thus a
+function of those four numbers and the teacher's probabilities only: a rebuild, a resumed build
+and any sharding of the rows draw the same classes, whatever blocks the rows arrive in.
 """
 
 from __future__ import annotations
@@ -72,19 +79,124 @@ def teacher_logits(teacher: nn.Module, block: RowBlock, device: torch.device) ->
     return output_logits(teacher(views.reshape(n * v, *views.shape[2:]).to(device))).float().cpu().reshape(n, v, -1)
 
 
-def compact(scaled: torch.Tensor, storage: StorageInfo) -> dict[str, np.ndarray]:
-    """The stored form of ``z / T`` ``(..., C)`` float32 under ``storage``.
+def compact(scaled: torch.Tensor, storage: StorageInfo, first_row: int = 0) -> dict[str, np.ndarray]:
+    """The stored form of ``z / T`` ``(n, P, C)`` float32 under ``storage``, for rows
+    ``first_row ..`` of their split.
 
     ``full`` keeps every value. ``topk`` keeps the ``k`` most probable classes' ids and
     log-probabilities at T, largest first, and the probability mass of all the others, computed
-    in float32 from the full distribution before anything is rounded."""
-    if storage.mode == "full":
-        return {layout.SOFT: scaled.numpy().astype(storage.dtype)}
+    in float32 from the full distribution before anything is rounded. ``sample`` keeps ``k``
+    draws from the full distribution at T (:func:`sample_counts`)."""
+    if storage.mode == "full":  # torch rounds to float16 as numpy does (to nearest, ties to even), ~5x faster
+        return {layout.SOFT: scaled.to(getattr(torch, storage.dtype)).numpy()}
     logp = torch.log_softmax(scaled, dim=-1)
+    if storage.mode == "sample":
+        ids, counts = sample_counts(logp, int(storage.k or 0), int(storage.seed or 0), first_row)
+        return {layout.SOFT: counts.numpy().astype(np.uint8), layout.SOFT_IDS: ids.numpy().astype(storage.id_dtype)}
     values, ids = logp.topk(int(storage.k or 0), dim=-1)
     rest = (1.0 - values.exp().sum(-1)).clamp_(min=0.0)
     return {layout.SOFT: values.numpy().astype(storage.dtype), layout.SOFT_IDS: ids.numpy().astype(storage.id_dtype),
             layout.SOFT_REST: rest.numpy()}
+
+
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's output function: a bijection of uint64 whose every output bit depends on
+    every input bit, so chaining it over the coordinates of a draw gives independent uniforms."""
+    x = x + _GAMMA
+    x = (x ^ (x >> np.uint64(30))) * _MIX1
+    x = (x ^ (x >> np.uint64(27))) * _MIX2
+    return x ^ (x >> np.uint64(31))
+
+
+def draw_uniforms(seed: int, rows: np.ndarray, positions: int, draws: int) -> np.ndarray:
+    """Uniforms in [0, 1), ``(len(rows), positions, draws)`` float64: the one at ``[i, p, d]``
+    is a function of ``(seed, rows[i], p, d)`` alone (see the module docstring)."""
+    def u64(values: np.ndarray | int) -> np.ndarray:
+        return np.asarray(values, dtype=np.int64).astype(np.uint64)
+
+    h = _splitmix64(u64(seed).reshape(1, 1, 1))
+    h = _splitmix64(h ^ u64(rows).reshape(-1, 1, 1))
+    h = _splitmix64(h ^ u64(np.arange(positions)).reshape(1, -1, 1))
+    h = _splitmix64(h ^ u64(np.arange(draws)).reshape(1, 1, -1))
+    return (h >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def sample_counts(logp: torch.Tensor, draws: int, seed: int, first_row: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``draws`` classes drawn with replacement from ``exp(logp)`` ``(n, P, C)`` at every position
+    of rows ``first_row ..``, by inverse CDF on :func:`draw_uniforms`, as ``(ids, counts)``
+    ``(n, P, min(draws, C))`` int64: the distinct ids drawn, most drawn first (ties: smaller id
+    first), then unused slots of id 0 and count 0.
+
+    The cumulative distribution is summed in float64 and each ``u`` scaled by its total, so a
+    class of probability 0 is never drawn and rounding cannot push a draw past the last class."""
+    n, positions, classes = logp.shape
+    cdf = torch.cumsum(logp.exp(), -1, dtype=torch.float64)
+    total = cdf[..., -1:]
+    u = torch.from_numpy(draw_uniforms(seed, np.arange(first_row, first_row + n), positions, draws))
+    below = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # strictly below the total
+    picks = torch.searchsorted(cdf, below, right=True).clamp_(max=classes - 1)
+    return distinct_counts(picks, min(draws, classes))
+
+
+def distinct_counts(picks: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct values of ``picks`` ``(..., N)`` and their counts in ``slots`` fixed slots,
+    most frequent first (ties: smaller value first), unused slots 0 and 0. Sorting puts equal
+    values in runs, and a run's number is its slot: no loop over rows or positions."""
+    ordered = picks.sort(-1).values
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[..., 1:] = ordered[..., 1:] != ordered[..., :-1]
+    run = starts.long().cumsum(-1) - 1
+    shape = (*picks.shape[:-1], slots)
+    counts = torch.zeros(shape, dtype=torch.int64).scatter_add_(-1, run, torch.ones_like(run))
+    ids = torch.zeros(shape, dtype=torch.int64).scatter_(-1, run, ordered)
+    order = counts.sort(dim=-1, descending=True, stable=True).indices
+    return ids.gather(-1, order), counts.gather(-1, order)
+
+
+SLICE_BYTES = 8 << 20
+"""Float32 logits :func:`topk_arrays` works on at once: temporaries of this size are reused from
+the heap, where whole-block temporaries (64 MiB for 32 rows of 64 positions at 8k tokens) would
+be fresh memory maps, page-faulted in on every block and costing as much as the arithmetic."""
+
+
+def topk_arrays(logits: torch.Tensor, temperature: float, storage: StorageInfo) -> dict[str, np.ndarray]:
+    """Top-k storage and the statistics at T=1 of ``(m, C)`` raw logits, from one top-k and two
+    log-sum-exps per row, slice by slice.
+
+    The kept classes are the top ``k`` of ``z`` (the same as of ``z / T``); their
+    log-probabilities at T are ``z_k / T - lse(z / T)`` and the leftover is one minus their sum.
+    Maximum probability, margin and prediction come from the same top-k; the entropy at T=1 is
+    ``lse(z) - <softmax(z), z>``. The values agree with :func:`compact` and :func:`teacher_stats`
+    to float32 rounding (a tie between two classes may be kept in the other order)."""
+    k = max(2, int(storage.k or 0))
+    m, classes = logits.shape
+    step = max(1, SLICE_BYTES // (4 * classes))
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, m, step):
+        z = logits[start : start + step]
+        top, ids = z.topk(min(k, classes), dim=-1)
+        peak = top[:, :1]
+        shifted = z - peak
+        e = shifted.exp()
+        total = e.sum(-1)
+        lse1 = peak.squeeze(-1) + total.log()
+        entropy = lse1 - torch.linalg.vecdot(e, z) / total
+        lse_t = peak.squeeze(-1) / temperature + shifted.mul_(1 / temperature).exp_().sum(-1).log()
+        keep = int(storage.k or 0)
+        logp = top[:, :keep] / temperature - lse_t.unsqueeze(-1)
+        rest = (1.0 - logp.exp().sum(-1)).clamp_(min=0.0)
+        p2 = (top[:, :2] - lse1.unsqueeze(-1)).exp()
+        for key, value in ((layout.SOFT, logp.numpy().astype(storage.dtype)),
+                           (layout.SOFT_IDS, ids[:, :keep].numpy().astype(storage.id_dtype)),
+                           (layout.SOFT_REST, rest.numpy()), ("stats/max_prob", p2[:, 0].numpy()),
+                           ("stats/entropy", entropy.numpy()), ("stats/margin", (p2[:, 0] - p2[:, 1]).numpy()),
+                           ("stats/prediction", ids[:, 0].to(torch.int32).numpy())):
+            parts.setdefault(key, []).append(value)
+    return {key: np.concatenate(values) for key, values in parts.items()}
 
 
 def block_arrays(logits: torch.Tensor, block: RowBlock, first_row: int, temperature: float,
@@ -94,12 +206,18 @@ def block_arrays(logits: torch.Tensor, block: RowBlock, first_row: int, temperat
     and the block's own arrays. Pure CPU work on tensors the teacher no longer touches, so the
     build runs it in the writer thread."""
     n, v = logits.shape[:2]
-    check_finite(logits.reshape(n, -1), first_row)
-    out = compact(logits / temperature, storage or StorageInfo(dtype=dtype))  # type: ignore[arg-type]
+    storage = storage or StorageInfo(dtype=dtype)  # type: ignore[arg-type]
+    if not bool(logits.sum().isfinite()):  # NaN and infinities reach the sum; the exact scan names the rows
+        check_finite(logits.reshape(n, -1), first_row)
+    if storage.mode == "topk":
+        out = {k: a.reshape(n, v, *a.shape[1:]) for k, a in topk_arrays(logits.reshape(n * v, -1), temperature,
+                                                                          storage).items()}
+    else:
+        out = compact(logits / temperature, storage, first_row)
+        out.update({k: a.reshape(n, v) for k, a in teacher_stats(logits.reshape(n * v, -1)).items()})
     out[layout.INDEX] = block.sample_index.astype(np.int64)
     if block.labels is not None:
         out[layout.LABELS] = block.labels.to(torch.int64).numpy()
-    out.update({k: a.reshape(n, v) for k, a in teacher_stats(logits.reshape(n * v, -1)).items()})
     if block.view_params is not None:
         out[layout.VIEW_PARAMS] = block.view_params.astype(np.float32)
     out.update(block.extra)
