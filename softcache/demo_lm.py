@@ -39,14 +39,14 @@ from softcache.weights import load_model, save_model
 VOCAB = 8192
 LENGTH = 64
 TEACHER = f"softcache.models:gpt,vocab_size={VOCAB},length={LENGTH},layers=4,width=256,heads=4"
-TEACHER_STEPS = 640
+TEACHER_STEPS = 400
 TEACHER_BATCH = 32
 TEACHER_LR = 2e-3
 STUDENT = f"softcache.models:gpt,vocab_size={VOCAB},length={LENGTH},layers=2,width=128,heads=4"
 STUDENT_ROWS = 2400
 """The students' token budget: 2400 rows of 64 tokens (154k tokens), one pass."""
-STUDENT_BATCH = 16
-STUDENT_LR = 2e-3
+STUDENT_BATCH = 8
+STUDENT_LR = 1e-3
 ALPHA = 0.9
 TEMPERATURE = 1.0
 STORAGE = "topk:64"
@@ -70,8 +70,8 @@ class LMDemo:
 def students(seeds: tuple[int, ...] = SEEDS) -> list[StudentConfig]:
     """The same student, cross-entropy only and distilled from the cache, for every seed."""
     common: dict[str, Any] = {"spec": STUDENT, "lr": STUDENT_LR, "temperature": TEMPERATURE}
-    return [StudentConfig(alpha=0.0, seed=s, **common) for s in seeds] + \
-           [StudentConfig(alpha=ALPHA, seed=s, **common) for s in seeds]
+    return [StudentConfig(alpha=0.0, seed=s, name=f"gpt 2x128 cross-entropy s{s}", **common) for s in seeds] + \
+           [StudentConfig(alpha=ALPHA, seed=s, name=f"gpt 2x128 distilled a={ALPHA:g} s{s}", **common) for s in seeds]
 
 
 def _teacher(out: Path, tokenizer: Path, progress: bool) -> tuple[Path, bool]:

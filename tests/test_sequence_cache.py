@@ -182,3 +182,35 @@ def test_stats_and_inspect_speak_of_positions_and_tokens(topk_cache: Cache) -> N
     info = summarize(topk_cache)
     per_token = 8 * 2 + 8 * 2 + 4  # values (fp16), ids (uint16), leftover (fp32)
     assert info["kind"] == "sequence" and info["bytes_per_token"] == pytest.approx(per_token)
+
+
+@pytest.mark.parametrize("leftover", ["bucket", "label"])
+@pytest.mark.parametrize("alpha", [1.0, 0.6])
+@pytest.mark.parametrize("sampled", [False, True])
+@pytest.mark.parametrize("counts", [None, (80.0, 70.0)])
+def test_the_closed_form_compact_loss_is_the_autograd_one(leftover: str, alpha: float, sampled: bool,
+                                                           counts: tuple[float, float] | None) -> None:
+    """At T=1 a compact target takes the closed-form path; its loss and gradient must be those of
+    the plain autograd composition (topk_kl + cross-entropy), also with a rank's global counts."""
+    gen = torch.Generator().manual_seed(3)
+    z = (torch.randn(40, 30, generator=gen) * 2).requires_grad_()
+    logp_all = torch.log_softmax(torch.randn(40, 30, generator=gen) * 2, -1)
+    if sampled:
+        draws = torch.multinomial(logp_all.exp(), 12, replacement=True, generator=gen)
+        counts_per_id = torch.zeros(40, 30).scatter_add_(1, draws, torch.ones(40, 12))
+        c, i = counts_per_id.sort(-1, descending=True)
+        soft = TopK.sampled(torch.where(c[:, :12] > 0, i[:, :12], 0), c[:, :12])
+    else:
+        values, ids = logp_all.topk(6, -1)
+        soft = TopK(ids, values, (1 - values.exp().sum(-1)).clamp(min=0))
+    labels = torch.randint(-1, 30, (40,), generator=gen)
+    fused = distillation_loss(z, soft, labels, temperature=1.0, alpha=alpha, leftover=leftover, counts=counts)
+    (g_fused,) = torch.autograd.grad(fused, z)
+    log_q = F.log_softmax(z, -1)
+    ref = alpha * topk_kl(log_q, soft, labels, leftover, count=None if counts is None else counts[0])
+    if alpha < 1:
+        ce = F.cross_entropy(z, labels, ignore_index=-1, reduction="sum")
+        ref = ref + (1 - alpha) * ce / (int((labels >= 0).sum()) if counts is None else counts[1])
+    (g_ref,) = torch.autograd.grad(ref, z)
+    assert torch.allclose(fused, ref, rtol=1e-5)
+    assert torch.allclose(g_fused, g_ref, atol=1e-7)

@@ -71,8 +71,8 @@ class LMSettings:
 
     @staticmethod
     def preset(quick: bool) -> LMSettings:
-        return LMSettings(rows=96, steps=2, stream_rows=(16, 48)) if quick else \
-            LMSettings(rows=512, steps=8, stream_rows=(64, 512), repeats=5)
+        return LMSettings(rows=256, steps=2, stream_rows=(16, 48)) if quick else \
+            LMSettings(rows=2048, steps=8, stream_rows=(64, 512), repeats=5)
 
     def model_spec(self, layers: int, width: int) -> str:
         return f"softcache.models:gpt,vocab_size={self.vocab},length={self.length},layers={layers},width={width}"
