@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from softcache.cache import layout
-from softcache.cache.manifest import SequenceInfo, StorageInfo, TokenizerInfo
+from softcache.cache.manifest import SequenceInfo, TokenizerInfo
 from softcache.errors import CacheError, UsageError
 from softcache.sequences import TokenRows, as_token_rows, check_ids
 from softcache.teacher.label import RowBlock
