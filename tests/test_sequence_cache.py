@@ -72,6 +72,37 @@ def test_topk_storage_keeps_the_k_largest_with_the_leftover_mass(topk_cache: Cac
     assert (rest > 0.01).any()  # the teacher is not one-hot: the leftover matters
 
 
+@pytest.mark.parametrize("classes,k", [(8192, 64), (50257, 16), (4099, 2), (600, 64)])
+def test_top_classes_is_torch_topk(classes: int, k: int) -> None:
+    from softcache.teacher.label import top_classes
+
+    gen = torch.Generator().manual_seed(classes)
+    z = torch.randn(40, classes, generator=gen) * 3
+    z[0, -1] = 50.0  # the largest entry past the last whole group
+    z[1, :] = z[1, :].round()  # many ties: the values still agree
+    values, ids = top_classes(z, k)
+    want_values, want_ids = z.topk(k, dim=-1)
+    assert torch.equal(values, want_values)
+    assert torch.equal(ids[2:], want_ids[2:]) and ids[0, 0] == classes - 1
+    assert torch.equal(z.gather(1, ids), values)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_topk_arrays_agree_with_the_full_distribution(temperature: float) -> None:
+    from softcache.cache.manifest import StorageInfo
+    from softcache.teacher.label import compact, teacher_stats, topk_arrays
+
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(64, 8192, generator=gen) * 4
+    storage = StorageInfo(mode="topk", k=32, dtype="float16", id_dtype="uint16")
+    got = topk_arrays(z, temperature, storage)
+    want = compact(z / temperature, storage) | teacher_stats(z)
+    assert np.array_equal(got["soft_ids"], want["soft_ids"])
+    for key in ("soft_labels", "soft_rest", "stats/max_prob", "stats/entropy", "stats/margin"):
+        np.testing.assert_allclose(got[key].astype(np.float32), want[key].astype(np.float32), rtol=1e-3, atol=1e-5)
+    assert np.array_equal(got["stats/prediction"], want["stats/prediction"])
+
+
 def test_manifest_records_the_sequence_section(topk_cache: Cache, full_cache: Cache) -> None:
     m = topk_cache.manifest
     assert (m.kind, m.schema_version, m.sequence.length, m.sequence.vocab_size) == ("sequence", 2, 16, 64)

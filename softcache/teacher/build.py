@@ -298,10 +298,11 @@ def _build_sequences(model: nn.Module, dataset: Dataset, data_spec: Spec | None,
     rows, held_out = seq.token_rows(dataset, eval_set)
     vocab = seq.probe_vocab(model, rows, dev)
     info = seq.sequence_info(rows, vocab, held_out)
+    recorded = teacher_info(model, teacher_spec)  # the weights digest reads every parameter: once
 
     def manifest_with(chunk_rows: int) -> Manifest:
         return make_manifest(
-            teacher_info(model, teacher_spec), describe(rows, data_spec), vocab, None, [rows.length],
+            recorded, describe(rows, data_spec), vocab, None, [rows.length],
             temperature=cfg.temperature, storage=storage_info(cfg.storage, cfg.dtype, vocab), views=ViewInfo(),
             chunk_rows=chunk_rows, shard_chunks=cfg.shard_chunks,
             eval_source=describe(held_out, eval_spec) if held_out is not None else None, sequence=info)

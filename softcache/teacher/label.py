@@ -163,14 +163,40 @@ the heap, where whole-block temporaries (64 MiB for 32 rows of 64 positions at 8
 be fresh memory maps, page-faulted in on every block and costing as much as the arithmetic."""
 
 
+STRIDE_ROWS = 8
+"""Strided groups per class :func:`top_classes` reduces over: 8 halves a top-64 of 8k classes."""
+
+
+def top_classes(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``z.topk(k)`` of ``(m, C)`` finite logits, largest first, in about half torch's time when
+    ``k`` is small beside ``C``.
+
+    The classes are cut into ``C // 8`` strided groups (class ``j`` in group ``j % (C // 8)``):
+    their maxima are a cheap element-wise max of 8 contiguous slices. The ``k`` groups of largest
+    maximum hold the ``k`` largest entries (any entry outside them is at most the ``k``-th group
+    maximum, which ``k`` entries reach), so one top-k over their ``8k`` members (and the classes
+    past the last whole group) gives the answer. A tie may come out in another order."""
+    m, classes = z.shape
+    groups = classes // STRIDE_ROWS
+    if groups < 4 * k:
+        return z.topk(k, dim=-1)
+    whole = groups * STRIDE_ROWS
+    best = z[:, :whole].view(m, STRIDE_ROWS, groups).amax(1).topk(k, dim=-1, sorted=False).indices
+    members = (best.unsqueeze(-1) + torch.arange(STRIDE_ROWS) * groups).reshape(m, -1)
+    if whole < classes:
+        members = torch.cat([members, torch.arange(whole, classes).expand(m, -1)], 1)
+    values, at = z.gather(1, members).topk(k, dim=-1)
+    return values, members.gather(1, at)
+
+
 def topk_arrays(logits: torch.Tensor, temperature: float, storage: StorageInfo) -> dict[str, np.ndarray]:
     """Top-k storage and the statistics at T=1 of ``(m, C)`` raw logits, from one top-k and two
     log-sum-exps per row, slice by slice.
 
     The kept classes are the top ``k`` of ``z`` (the same as of ``z / T``); their
     log-probabilities at T are ``z_k / T - lse(z / T)`` and the leftover is one minus their sum.
-    Maximum probability, margin and prediction come from the same top-k; the entropy at T=1 is
-    ``lse(z) - <softmax(z), z>``. The values agree with :func:`compact` and :func:`teacher_stats`
+    Maximum probability, margin and prediction come from the same top-k (:func:`top_classes`);
+    the entropy at T=1 is ``lse(z) - <softmax(z), z>``. The values agree with :func:`compact` and :func:`teacher_stats`
     to float32 rounding (a tie between two classes may be kept in the other order)."""
     k = max(2, int(storage.k or 0))
     m, classes = logits.shape
@@ -178,14 +204,17 @@ def topk_arrays(logits: torch.Tensor, temperature: float, storage: StorageInfo) 
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, m, step):
         z = logits[start : start + step]
-        top, ids = z.topk(min(k, classes), dim=-1)
+        top, ids = top_classes(z, min(k, classes))
         peak = top[:, :1]
         shifted = z - peak
         e = shifted.exp()
         total = e.sum(-1)
         lse1 = peak.squeeze(-1) + total.log()
         entropy = lse1 - torch.linalg.vecdot(e, z) / total
-        lse_t = peak.squeeze(-1) / temperature + shifted.mul_(1 / temperature).exp_().sum(-1).log()
+        if temperature == 1.0:  # the usual temperature of next-token distillation: no second pass
+            lse_t = lse1
+        else:
+            lse_t = peak.squeeze(-1) / temperature + shifted.mul_(1 / temperature).exp_().sum(-1).log()
         keep = int(storage.k or 0)
         logp = top[:, :keep] / temperature - lse_t.unsqueeze(-1)
         rest = (1.0 - logp.exp().sum(-1)).clamp_(min=0.0)
