@@ -13,6 +13,9 @@ classes, a 256-256-1000 student) through the public ``train()``/``build()`` call
 hand-written PyTorch loop (JSON key ``wide``), and :mod:`softcache._bench.lm` language-model caches
 (an 8,192-token vocabulary, top-k storage, a GPT teacher and student; JSON key ``lm``, whose
 ``lm_*`` ratios have targets here). Timing thresholds live here, never in unit tests.
+
+``softcache bench --storage-modes`` runs :mod:`softcache._bench.storage` instead (not part of this
+run): what each soft-label storage mode costs and loses on the demos' teachers and students.
 """
 
 from __future__ import annotations

@@ -84,6 +84,34 @@ class LMSettings:
 
 
 @dataclass(frozen=True)
+class StorageSettings:
+    """Sizes of the storage-mode comparison (``softcache bench --storage-modes``,
+    :mod:`softcache._bench.storage`); the teachers, students, batch sizes, learning rates, alphas
+    and temperatures are the demos' own. ``None`` keeps a demo's own size."""
+
+    lm_modes: tuple[str, ...] = ("full", "topk:16", "topk:64", "sample:50", "sample:12")
+    digits_modes: tuple[str, ...] = ("full", "topk:3", "topk:5", "sample:12", "sample:50")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    lm_rows: int | None = None  # token rows the language-model students train on (the demo's budget)
+    lm_eval_rows: int | None = None  # held-out rows the students and the teacher are scored on (all)
+    digits_epochs: int | None = None  # of the digits students (the demo's)
+    digits_teacher_epochs: int | None = None  # of the digits teacher (the demo's)
+    angle_batches: int = 8  # held-out batches the gradient angles are averaged over
+    steps: int = 8  # student steps per timed run
+    repeats: int = 5  # alternated rounds of the step timing
+
+    @staticmethod
+    def tiny() -> StorageSettings:
+        """Every figure at toy sizes: seconds, for tests and ``--quick``."""
+        return StorageSettings(seeds=(0, 1), lm_rows=32, lm_eval_rows=32, digits_epochs=2, digits_teacher_epochs=2,
+                               angle_batches=2, steps=2, repeats=1)
+
+    @staticmethod
+    def preset(quick: bool) -> StorageSettings:
+        return StorageSettings.tiny() if quick else StorageSettings()
+
+
+@dataclass(frozen=True)
 class BenchSettings:
     rows: int  # rows of the benchmark cache
     chunk_rows: int

@@ -211,6 +211,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     log = None if args.quiet or args.json else (lambda msg: print(f"softcache: bench: {msg}", file=sys.stderr, flush=True))
     command = "softcache bench" + " --quick" * args.quick + (f" --threads {args.threads}" if args.threads else "")
+    if args.storage_modes:
+        from softcache._bench.storage import run_storage_bench
+        from softcache._bench.workload import StorageSettings
+
+        result = run_storage_bench(StorageSettings.preset(args.quick), workdir=args.workdir, log=log,
+                                   command=command + " --storage-modes")
+        emit(result, args.json, fmt.format_storage(result))
+        return 0
     result = run_bench(quick=args.quick, workdir=args.workdir, log=log, command=command)
     emit(result, args.json, fmt.format_report(result))
     return 0

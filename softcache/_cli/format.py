@@ -215,6 +215,13 @@ def format_datafree_demo(obj: dict[str, Any], board: Any, leaderboard: str) -> s
             f"synthesized inputs only)\n{format_datafree(board)}\nleaderboard: {leaderboard}  ({obj['seconds']:.1f}s)")
 
 
+def format_storage(r: dict[str, Any]) -> str:
+    """``softcache bench --storage-modes``: a table per workload, then the targets."""
+    from softcache._bench.storage import format_storage as tables
+
+    return tables(r)
+
+
 def format_report(r: dict[str, Any]) -> str:
     """``softcache bench``: the figures as the README table prints them."""
     def target(key: str) -> str:

@@ -260,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smaller workload and fewer rounds (well under 2 minutes)")
     p.add_argument("--workdir", default=None, help="where the benchmark cache goes (default: a temporary directory)")
     p.add_argument("--json", action="store_true", help="one JSON object with the figures")
+    p.add_argument("--storage-modes", action="store_true",
+                   help="instead: each storage mode (full, topk:K, sample:N) on the LM and digits demos' teachers: "
+                        "bytes per token, gradient angle to full distillation, students' held-out scores over seeds, "
+                        "step cost (about 20 CPU minutes; with --quick seconds at toy sizes; a --workdir of "
+                        "softcache demo --lm reuses its teacher)")
     p.set_defaults(handler=commands.cmd_bench)
 
     _cache_parsers(sub, common)

@@ -61,18 +61,26 @@ class Batch:
 def token_batch(rows: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, values: torch.Tensor,
                 ids: torch.Tensor | None, rest: torch.Tensor | None, device: torch.device) -> Batch:
     """A batch of token rows from their arrays as stored (narrow ids, float16 values or uint8
-    counts), widened here: the tokens are the student's input, the next-token targets its labels.
-    Ids with a leftover ``rest`` are top-k storage, ids without one sampled counts
-    (:meth:`TopK.sampled`). Both loaders of token rows (in RAM and streamed) build their batches
+    counts), widened by :func:`stored_soft`: the tokens are the student's input, the next-token
+    targets its labels. Both loaders of token rows (in RAM and streamed) build their batches
     here, so they serve the same batch."""
     tokens, mask = tokens.to(device, torch.int64), mask.to(device)
-    soft: Soft = values.to(device, torch.float32)
-    if ids is not None and rest is not None:
-        soft = TopK(ids.to(device, torch.int64), soft, rest.to(device, torch.float32))
-    elif ids is not None:
-        soft = TopK.sampled(ids.to(device, torch.int64), soft)
-    return Batch(rows=rows.to(device), inputs=tokens, soft=soft, labels=next_token_targets(tokens, mask),
-                 mask=mask > 0)
+    return Batch(rows=rows.to(device), inputs=tokens, soft=stored_soft(values, ids, rest, device),
+                 labels=next_token_targets(tokens, mask), mask=mask > 0)
+
+
+def stored_soft(values: torch.Tensor, ids: torch.Tensor | None, rest: torch.Tensor | None,
+                device: torch.device) -> Soft:
+    """The teacher's side of a batch from its soft-label arrays as stored, widened here: float
+    values alone are full storage (``z / T_cache``); ids with a leftover ``rest`` are top-k
+    storage, ids without one sampled counts (:meth:`TopK.sampled`). Every loader, of either row
+    kind, widens its gathered rows here and nowhere else, so they serve the same targets."""
+    widened = values.to(device, torch.float32)
+    if ids is None:
+        return widened
+    if rest is None:
+        return TopK.sampled(ids.to(device, torch.int64), widened)
+    return TopK(ids.to(device, torch.int64), widened, rest.to(device, torch.float32))
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:

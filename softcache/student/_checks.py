@@ -2,9 +2,11 @@
 
 Each check names what is wrong in one line, and all of them run before the first step, so a
 refusal costs a read of the cache, never a training run: a temperature outside
-:data:`TEMPERATURE_RANGE`, labels outside the classes or disagreeing with the data, no known
-label for a student that learns from labels, soft labels that are not finite, unwritten rows,
-and SPECs recorded in the cache that the user has not trusted (:func:`recorded_code`).
+:data:`TEMPERATURE_RANGE`, a compact cache asked for another temperature than its own, labels
+outside the classes or disagreeing with the data, no known label for a student that learns from
+labels, soft labels that are not finite, class ids of compact storage outside the classes,
+unwritten rows, and SPECs recorded in the cache that the user has not trusted
+(:func:`recorded_code`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from softcache.cache.store import Cache
 from softcache.config import StudentConfig
 from softcache.errors import CacheError, UsageError
 from softcache.student.loaders import MemoryLoader
+from softcache.student.sequence import check_tokens
 from softcache.student.stream import StreamLoader
 
 
@@ -104,6 +107,15 @@ def check_finite(cache: Cache, loader: MemoryLoader | StreamLoader) -> None:
     if found.count:
         raise CacheError(f"{cache.url}: the soft labels of {found.count} of {cache.train.rows} training rows are NaN "
                          f"or infinite (first rows {found.first}); the cache is corrupt")
+
+
+def check_soft_ids(cache: Cache, loader: MemoryLoader | StreamLoader) -> None:
+    """The class ids of compact storage index the student's logits, so an id outside the classes
+    (a damaged or edited cache) would index past them. Checked as token rows check theirs
+    (``sequence.check_tokens``, on the ids as stored), a block at a time: the arrays already in
+    RAM in memory mode, one extra pass over the stored ids in stream mode."""
+    for _, ids in loader.id_blocks():
+        check_tokens(cache, cache.train, None, ids)
 
 
 def check_written(cache: Cache) -> None:

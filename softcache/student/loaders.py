@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from softcache.cache import store
+from softcache.cache import layout
 from softcache.cache.store import Cache, Split
 from softcache.data import check_matches
 from softcache.errors import CacheError, UsageError
-from softcache.student._batch import Batch, distributed_rank, epoch_permutation, views_of
+from softcache.student._batch import Batch, distributed_rank, epoch_permutation, stored_soft, views_of
 from softcache.student.stream import StreamLoader, StreamOptions, data_parallel, token_arrays
 
 LoaderMode = Literal["auto", "memory", "stream"]
@@ -43,9 +43,18 @@ class MemoryLoader:
     (augmented views, see ``views.ViewReplay``) the batch's inputs are that same view re-created
     from the raw inputs, so inputs and soft labels always belong to one view.
 
-    ``soft`` may be held in the cache's storage dtype (``open_loader`` passes float16 as
-    stored): a batch is gathered first and widened to float32 after, which is exact and moves a
-    batch's bytes instead of converting the whole cache. Batches are float32 either way.
+    Compact storage (see ``cache.layout``) passes its arrays as stored: ``soft`` ``(N, V, W)``
+    holds the values (top-k log-probabilities or sampled counts), ``ids`` ``(N, V, W)`` the
+    class ids and, under top-k, ``rest`` ``(N, V)`` the leftover mass; each row shows one view
+    of all three alike, and batches carry a :class:`~softcache.student._batch.TopK`.
+
+    The arrays may be held in the cache's storage dtype (``open_loader`` passes float16 values,
+    narrow ids and uint8 counts as stored): a batch is gathered first and widened after
+    (``_batch.stored_soft``, as the streamed loader does), which is exact and moves a batch's
+    bytes instead of converting the whole cache. Batches are float32 and int64 either way.
+    Compact arrays stay in host memory, as token rows' do (``sequence.SequenceLoader``): their
+    narrow unsigned ids are gathered by the CPU kernels that token rows already rely on, and only
+    the widened batch moves to the device.
 
     Under ``torch.distributed`` each rank yields its interleaved slice ``[rank::world]`` of every
     global batch of ``batch_size`` rows (possibly empty for a short last batch), so the ranks
@@ -54,13 +63,20 @@ class MemoryLoader:
 
     def __init__(self, inputs: torch.Tensor, soft: torch.Tensor | None, labels: torch.Tensor, *,
                  batch_size: int, shuffle_seed: int = 0, device: torch.device | str = "cpu", shuffle: bool = True,
-                 replay: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
+                 replay: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 ids: torch.Tensor | None = None, rest: torch.Tensor | None = None):
         if soft is not None and len(soft) != len(inputs):
             raise CacheError(f"{len(inputs)} inputs but {len(soft)} cached rows")
+        if (ids is not None or rest is not None) and (soft is None or ids is None or ids.shape != soft.shape
+                                                       or (rest is not None and rest.shape != soft.shape[:2])):
+            raise CacheError("compact soft labels need values and ids of one shape (and a leftover per view)")
         self.device = torch.device(device)
         self.replay = replay.to(self.device) if hasattr(replay, "to") else replay  # type: ignore[union-attr]
         self.inputs = inputs.to(self.device)
-        self.soft = soft.to(self.device) if soft is not None else None
+        # compact arrays stay on the host, as token rows' do: only their widened batches move
+        self.host = ids is not None
+        self.soft = soft.to(self.device) if soft is not None and not self.host else soft
+        self.ids, self.rest = ids, rest
         self.labels = labels.to(self.device)
         self.batch_size, self.shuffle_seed, self.shuffle = batch_size, shuffle_seed, shuffle
         self.rank, self.world_size = distributed_rank()
@@ -69,28 +85,29 @@ class MemoryLoader:
         return -(-len(self.inputs) // self.batch_size)
 
     def soft_blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
-        """The soft labels in ``(first_row, values)`` blocks, for :func:`nonfinite_rows`."""
-        if self.soft is not None:
-            for start in range(0, len(self.soft), SCAN_ROWS):
-                yield start, self.soft[start : start + SCAN_ROWS]
+        """The stored values (and a top-k cache's leftover mass) in ``(first_row, values)``
+        blocks, for :func:`nonfinite_rows`."""
+        yield from _blocks(self.soft, self.rest)
+
+    def id_blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """The class ids of compact storage, as stored, in ``(first_row, ids)`` blocks (none for
+        full storage), for the check that every id is a class."""
+        yield from _blocks(self.ids)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         n = len(self.inputs)
-        order = epoch_permutation(n, self.shuffle_seed, epoch) if self.shuffle else torch.arange(n)
-        order = order.to(self.device)
+        host = epoch_permutation(n, self.shuffle_seed, epoch) if self.shuffle else torch.arange(n)
+        order = host.to(self.device)
         views = self.soft.shape[1] if self.soft is not None else 1
-        # one view: a plain row gather of the (N, C) matrix, much cheaper than indexing by (row, view)
-        single = self.soft[:, 0] if self.soft is not None and views == 1 else None
         for start in range(0, n, self.batch_size):
-            rows = order[start : start + self.batch_size]
-            if self.world_size > 1:
-                rows = rows[self.rank :: self.world_size]
+            rows = order[start : start + self.batch_size][self.rank :: self.world_size]
             view = views_of(rows, epoch, views) if views > 1 else None
             soft = None
-            if single is not None:
-                soft = single.index_select(0, rows).to(torch.float32)
-            elif self.soft is not None:
-                soft = self.soft[rows, view].to(torch.float32)
+            if self.soft is not None:  # gathered where the soft labels are held, then widened on the device
+                at = host[start : start + self.batch_size][self.rank :: self.world_size] if self.host else rows
+                at_view = views_of(at, epoch, views) if views > 1 else None
+                soft = stored_soft(*(_pick(a, at, at_view) for a in (self.soft, self.ids, self.rest)),  # type: ignore[arg-type]
+                                   self.device)
             if self.replay is not None:
                 inputs = self.replay(rows, view if view is not None else torch.zeros_like(rows))
             else:
@@ -98,15 +115,37 @@ class MemoryLoader:
             yield Batch(rows=rows, inputs=inputs, soft=soft, labels=self.labels.index_select(0, rows))
 
 
+def _pick(array: torch.Tensor | None, rows: torch.Tensor, view: torch.Tensor | None) -> torch.Tensor | None:
+    """``rows`` of an ``(N, V, ...)`` array, each at its ``view``; with one view (``view`` None) a
+    plain row gather of the ``(N, ...)`` slice, much cheaper than indexing by (row, view)."""
+    if array is None:
+        return None
+    return array[:, 0].index_select(0, rows) if view is None else array[rows, view]
+
+
+def _blocks(*arrays: torch.Tensor | None) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first_row, values)`` blocks of :data:`SCAN_ROWS` rows of each array given."""
+    for array in arrays:
+        if array is not None:
+            for start in range(0, len(array), SCAN_ROWS):
+                yield start, array[start : start + SCAN_ROWS]
+
+
 class SoftLabelDataset(Dataset):
     """A torch Dataset of ``(input, soft_labels, label)`` pairing ``dataset`` with a cache split.
 
     The pairing is by row position, so the dataset is checked against the length and
     fingerprint recorded at build time before anything is served. Soft labels are read once,
-    whole-chunk, into memory; ``__getitems__`` serves a batch with one indexing operation.
+    whole-chunk, into memory; ``__getitems__`` serves a batch with one indexing operation. The
+    soft labels are full storage's ``z / T``: a compact cache's values mean nothing without their
+    ids, so it is refused (its batches come from :func:`open_loader`).
     """
 
     def __init__(self, split: Split, dataset: Dataset, view: int = 0):
+        mode = split.manifest.storage.mode
+        if mode != "full":
+            raise UsageError(f"SoftLabelDataset serves full soft labels, not this cache's {mode} storage (values "
+                             "with their class ids); read its batches through open_loader or train")
         source = split.manifest.source if split.name == "train" else split.manifest.eval.source  # type: ignore[union-attr]
         if source.kind != "dataset":
             raise CacheError("this cache was synthesized; its inputs are stored in the cache, not in a dataset")
@@ -165,14 +204,17 @@ def default_memory_budget() -> int:
 
 
 def memory_bytes(split: Split, *, with_inputs: bool = False) -> int:
-    """Bytes ``memory`` mode holds for ``split``: float32 soft labels, plus stored inputs if read;
-    token rows are held as stored (tokens, loss mask, soft labels, top-k ids and leftover mass)."""
+    """Bytes ``memory`` mode holds for ``split``: float32 soft labels (compact storage: its
+    values, ids and leftover mass as stored), plus stored inputs if read; token rows are held as
+    stored (tokens, loss mask, soft labels, top-k ids and leftover mass)."""
     if split.manifest.kind == "sequence":
         return sum(int(split.array(name).nbytes) for name in token_arrays(split.manifest))
-    soft = split.array(store.SOFT)
-    total = int(np.prod(soft.shape)) * 4
+    if split.manifest.storage.mode == "full":
+        total = int(np.prod(split.array(layout.SOFT).shape)) * 4
+    else:
+        total = sum(int(split.array(name).nbytes) for name in layout.soft_arrays(split.manifest))
     if with_inputs and split.has_inputs:
-        total += int(np.prod(split.array(store.INPUTS).shape)) * 4
+        total += int(np.prod(split.array(layout.INPUTS).shape)) * 4
     return total
 
 
@@ -216,9 +258,11 @@ def open_loader(cache: Cache, *, inputs: torch.Tensor | None, batch_size: int, m
             if not split.has_inputs:
                 raise CacheError("this cache has no stored inputs; pass the training data")
             inputs = torch.from_numpy(split.inputs())
-        soft = torch.from_numpy(split.read(store.SOFT))  # as stored; each batch is widened to float32
-        return MemoryLoader(inputs, soft, labels, batch_size=batch_size, shuffle_seed=opts.shuffle_seed,
-                            device=opts.device, replay=replay)
+        # as stored; each batch is widened to float32 (ids to int64)
+        soft = {name: torch.from_numpy(split.read(name)) for name in layout.soft_arrays(cache.manifest)}
+        return MemoryLoader(inputs, soft[layout.SOFT], labels, batch_size=batch_size, shuffle_seed=opts.shuffle_seed,
+                            device=opts.device, replay=replay, ids=soft.get(layout.SOFT_IDS),
+                            rest=soft.get(layout.SOFT_REST))
     world = distributed_rank()[1] if opts.world_size is None else opts.world_size
     if world > 1:  # data-parallel: batch_size stays the global batch, and every rank takes as many steps
         batch_size, even = data_parallel(batch_size, world)

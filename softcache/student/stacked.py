@@ -12,7 +12,9 @@ stacks of convolutions, pooling, ``Linear`` and element-wise activations, throug
 convolutions and batched matrix products that compute the same thing with less overhead, see
 :func:`sequential_forward`); the loss is :func:`softcache.student.loss.stacked_loss`,
 :func:`~softcache.student.loss.distillation_loss` per student with its gradient written out in
-closed form; the update is ``torch.optim.Adam``'s, per student. Each student's ``nn.Module``
+closed form (with a compact teacher, top-k or sampled counts, its soft term is
+:func:`~softcache.student._stacked_compact.compact_soft_term`, broadcast over the students the
+same way); the update is ``torch.optim.Adam``'s, per student. Each student's ``nn.Module``
 keeps working: its parameters are views of its row of the buffer, so it always holds its
 current weights.
 
@@ -49,8 +51,9 @@ from torch.func import functional_call, vmap
 
 from softcache.config import StudentConfig
 from softcache.student._adam import StackedAdam, adam_settings
-from softcache.student._batch import Batch
+from softcache.student._batch import Batch, Soft, TopK
 from softcache.student._choice import DEFAULT_CHOOSER, ONE_BY_ONE, PROBE_STUDENTS, STACKED, PathChooser
+from softcache.student._stacked_compact import CompactSettings, compact_stacked_loss
 from softcache.student.loss import LossSettings, stacked_loss
 
 Forward = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
@@ -71,7 +74,7 @@ class Student(Protocol):
     losses: list[torch.Tensor]
     seconds: float
 
-    def step(self, batch: Batch, soft: torch.Tensor | None, cache_temperature: float) -> None: ...
+    def step(self, batch: Batch, soft: Soft | None, cache_temperature: float) -> None: ...
 
 
 class _NotStackable(Exception):
@@ -200,6 +203,7 @@ class StudentGroup:
         self._state_in = "runs"  # where the current Adam state lives: "group" (once stacked) or "runs"
         self._chooser = chooser
         self._loss: LossSettings | None = None
+        self._compact: CompactSettings | None = None
         self._template = self.runs[0].model
         self._forward: Forward | None = None
         self.mode = "pending"  # "sequential-layers" | "vmap" | "one-by-one" after the first step
@@ -308,7 +312,7 @@ class StudentGroup:
                     continue
         self.mode, self._state_in = "one-by-one", "runs"  # the students' optimizers hold the state from here
 
-    def step(self, batch: Batch, soft: torch.Tensor | None, cache_temperature: float) -> None:
+    def step(self, batch: Batch, soft: Soft | None, cache_temperature: float) -> None:
         """One optimizer step per student on this batch: stacked, or one by one where the
         architecture cannot be stacked or stacking is measured slower (:meth:`_choose_path`)."""
         if self.mode == "pending":
@@ -320,12 +324,13 @@ class StudentGroup:
         else:
             self._step_stacked(batch, soft, cache_temperature)
 
-    def _choose_path(self, batch: Batch, soft: torch.Tensor | None, cache_temperature: float) -> str:
+    def _choose_path(self, batch: Batch, soft: Soft | None, cache_temperature: float) -> str:
         """Stacked or one by one for this architecture (:mod:`softcache.student._choice`): timed
         on copies of the first student, the same number of them whatever this group holds."""
         first = self.runs[0]
         key = (first.config.spec_key(), tuple(self.shapes), str(self.device), self.mode,
-               tuple(batch.inputs.shape), None if soft is None else tuple(soft.shape), torch.get_num_threads())
+               tuple(batch.inputs.shape), None if soft is None else
+               (type(soft).__name__, *(soft.ids if isinstance(soft, TopK) else soft).shape), torch.get_num_threads())
 
         def probe_group() -> StudentGroup:
             copies = [copy.deepcopy(first) for _ in range(PROBE_STUDENTS)]
@@ -357,11 +362,11 @@ class StudentGroup:
         except Exception:  # noqa: BLE001 - a model that cannot be copied keeps the stacked path it had
             return STACKED
 
-    def _step_one_by_one(self, batch: Batch, soft: torch.Tensor | None, cache_temperature: float) -> None:
+    def _step_one_by_one(self, batch: Batch, soft: Soft | None, cache_temperature: float) -> None:
         for run in self.runs:
             run.step(batch, soft, cache_temperature)
 
-    def _step_stacked(self, batch: Batch, soft: torch.Tensor | None, cache_temperature: float) -> None:
+    def _step_stacked(self, batch: Batch, soft: Soft | None, cache_temperature: float) -> None:
         start = time.perf_counter()
         assert self._forward is not None
         params = self.stacked_params()
@@ -371,7 +376,11 @@ class StudentGroup:
             cfgs = [r.config for r in self.runs]
             self._loss = LossSettings.make([c.temperature for c in cfgs], [c.alpha for c in cfgs],
                                            [c.label_smoothing for c in cfgs], cache_temperature, logits)
-        loss, grad = stacked_loss(logits.detach(), soft, batch.labels, self._loss)
+            self._compact = CompactSettings.make(cfgs, logits)
+        if isinstance(soft, TopK):
+            loss, grad = compact_stacked_loss(logits.detach(), soft, batch.labels, self._loss, self._compact)
+        else:
+            loss, grad = stacked_loss(logits.detach(), soft, batch.labels, self._loss)
         self.grad.zero_()
         logits.backward(grad)
         self.optimizer.step()

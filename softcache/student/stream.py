@@ -20,6 +20,10 @@ a chunk are not correlated (the build writes rows in dataset order, so a dataset
 wants a bigger buffer). Larger buffers cost memory, not speed: each chunk is decoded once per
 epoch either way.
 
+A sample cache under compact storage (``topk:K`` or ``sample:N``) streams its values, ``soft_ids``
+(and top-k's ``soft_rest``) as stored, each row showing the same view of all of them, and its
+batches carry the same :class:`~softcache.student._batch.TopK` as the in-RAM loader's.
+
 Token rows (a ``sequence`` cache) stream the same way: a row carries its tokens ``(L,)``, loss
 mask ``(L,)`` and soft labels ``(L, W)``, with ``soft_ids`` ``(L, K)`` and ``soft_rest`` ``(L,)``
 for top-k storage (``soft_ids`` alone for sampled counts); every position is kept (no view is picked) and batches are the ones
@@ -30,7 +34,9 @@ of 7 chunks, 5 seeds: students 0.05 bits per token worse with 2 chunks per group
 
 Memory bound of ``stream`` mode: with ``G = buffer_chunks * chunk_rows * B``, ``B`` the stored
 bytes of one row summed over every streamed array (a sample cache: ``V * C * itemsize`` of soft
-labels plus its stored inputs when those are streamed; a token row: ``L * (4 + 1 + W * itemsize)``
+labels, or under compact storage ``V * (K * (itemsize + id_itemsize) + 4)`` for top-k and
+``V * K * (1 + id_itemsize)`` for sampled counts, plus its stored inputs when those are
+streamed; a token row: ``L * (4 + 1 + W * itemsize)``
 plus ``L * (K * id_itemsize + 4)`` for top-k, ``L * K * id_itemsize`` for sampled counts), at most ``(1 + readers + in_flight) * G`` plus one chunk
 being decoded per reader: the group being cut into batches, the group being read by each of the
 ``readers`` (``max(1, workers)``), and ``in_flight`` groups read ahead (``prefetch``, times
@@ -72,7 +78,7 @@ from softcache.cache import layout, store
 from softcache.cache.manifest import Manifest
 from softcache.cache.store import Cache, Split
 from softcache.errors import CacheError, UsageError
-from softcache.student._batch import Batch, distributed_rank, token_batch, views_of
+from softcache.student._batch import Batch, distributed_rank, stored_soft, token_batch, views_of
 from softcache.student._chunks import BufferStream, ChunkSource, Piece, RowBuffer
 from softcache.student._prefetch import Prefetcher
 
@@ -182,7 +188,8 @@ class StreamLoader:
                 raise CacheError(f"cache split {split!r} has no stored inputs; pass the inputs")
             if inputs is not None and len(inputs) != rows:
                 raise CacheError(f"{len(inputs)} inputs but {rows} cached rows")
-            names, viewed = (layout.SOFT, *((layout.INPUTS,) if inputs is None else ())), (layout.SOFT,)
+            viewed = layout.soft_arrays(opened.manifest)  # compact storage: values, ids (and leftover) alike
+            names = (*viewed, *((layout.INPUTS,) if inputs is None else ()))
         self.inputs = inputs.to(self.device) if inputs is not None else None
         self.replay = replay.to(self.device) if hasattr(replay, "to") else replay  # type: ignore[union-attr]
         self.views = views
@@ -247,6 +254,13 @@ class StreamLoader:
         for start, block in self.blocks(*names):
             for name in names:
                 yield start, block[name]
+
+    def id_blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """The class (or token) ids of compact storage, as stored, in ``(first_row, ids)`` blocks
+        (none for full storage): one extra read of that array, within the loader's memory bound."""
+        if layout.SOFT_IDS in self.source.names:
+            for start, block in self.blocks(layout.SOFT_IDS):
+                yield start, block[layout.SOFT_IDS]
 
     def _stream_at(self, epoch: int) -> Iterator[RowBuffer]:
         if self._stream is not None and self._stream_epoch == epoch:
@@ -333,5 +347,5 @@ class StreamLoader:
             inputs = self.inputs[rows]
         else:
             inputs = arrays[layout.INPUTS].to(self.device)
-        return Batch(rows=rows, inputs=inputs, soft=arrays[layout.SOFT].to(self.device, torch.float32),
-                     labels=self.labels[rows])  # type: ignore[index]
+        soft = stored_soft(arrays[layout.SOFT], arrays.get(layout.SOFT_IDS), arrays.get(layout.SOFT_REST), self.device)
+        return Batch(rows=rows, inputs=inputs, soft=soft, labels=self.labels[rows])  # type: ignore[index]

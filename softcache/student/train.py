@@ -82,6 +82,10 @@ def train(
     cache records (the CLI's ``--trust-cache-specs``). A student's model function is the
     caller's own code and runs as given.
 
+    A compact cache (``topk:K`` or ``sample:N`` storage, of either row kind) is read as stored and
+    trains every student that learns from it at the cache's own temperature, its leftover treated
+    as each student's ``leftover`` says.
+
     Garbage never trains (``softcache.student._checks``): every refusal comes before any student
     takes a step. ``out_dir`` receives ``students/*.safetensors`` and ``leaderboard.parquet``
     together or not at all; earlier results there are replaced only with ``overwrite``. With
@@ -115,16 +119,13 @@ def _train(cache: str | Cache, configs: list[StudentConfig], cfg: TrainConfig, d
     if not opened.complete:
         _checks.check_written(opened)
     _checks.check_temperature(opened)
+    _checks.check_compact_temperature(opened, configs)
     policy = trust if isinstance(trust, Trust) else Trust.from_user(cache_specs=bool(trust))
     sequence = opened.manifest.kind == "sequence"
     if sequence:  # token rows: everything comes from the cache, nothing recorded runs
-        _checks.check_compact_temperature(opened, configs)
         loader: MemoryLoader | StreamLoader | SequenceLoader = open_sequence_loader(opened, cfg, device)
         probe = loader.probe()
     else:
-        if opened.manifest.storage.mode != "full":
-            raise UsageError(f"{opened.location}: training classified samples from {opened.manifest.storage.mode} "
-                             "storage is not supported by this version; rebuild the cache with --storage full")
         require_trusted(_checks.recorded_code(opened, data, eval_data), policy)
         inputs, data_labels = _train_inputs(opened, data, policy)
         labels = _checks.training_labels(opened, data_labels)
@@ -136,6 +137,8 @@ def _train(cache: str | Cache, configs: list[StudentConfig], cfg: TrainConfig, d
         probe = inputs[:2]
     seconds: dict[str, float] = {}
     try:
+        if not sequence:  # token rows' loaders check their ids as they open
+            _checks.check_soft_ids(opened, loader)
         _checks.check_finite(opened, loader)
         if sequence:
             held_out = tokens_evaluation(opened)
