@@ -189,6 +189,10 @@ class StudentConfig(_Model):
     leftover: Literal["bucket", "label", "renormalize"] = Field(
         default="bucket", description="top-k caches: the leftover mass is one more 'other' class (bucket), goes to "
         "the true label (label), or is dropped and the kept mass rescaled (renormalize: biased, never a default)")
+    retemper: Literal["refuse", "uniform-tail"] = Field(
+        default="refuse", description="compact (top-k, sampled) caches at another temperature than the cache's: "
+        "refused (refuse), or approximated with the leftover spread evenly over the classes not kept (uniform-tail; "
+        "see softcache.student.loss.Retemper); full storage is rescaled exactly either way")
 
     @field_validator("spec", mode="before", json_schema_input_type=Union[str, Spec])
     @classmethod
@@ -225,6 +229,7 @@ class StudentConfig(_Model):
         else:
             kind = f"kd T={self.temperature:g} a={self.alpha:g}"
             kind += f" {self.leftover}" if self.leftover != "bucket" else ""
+            kind += f" {self.retemper}" if self.retemper != "refuse" else ""
         return f"{base} {kind} s{self.seed}"
 
 
@@ -247,20 +252,22 @@ class StudentGrid(_Model):
     seed: list[int] = Field(default=[student_default("seed")], min_length=1)
     leftover: list[Literal["bucket", "label", "renormalize"]] = Field(default=[student_default("leftover")],
                                                                        min_length=1)
+    retemper: list[Literal["refuse", "uniform-tail"]] = Field(default=[student_default("retemper")], min_length=1)
 
     def expand(self) -> list[StudentConfig]:
         """The students in grid order (spec, T, alpha, lr, weight decay, label smoothing, seed,
-        leftover), duplicates dropped. Each is validated: a bad value raises pydantic's
+        leftover, retemper), duplicates dropped. Each is validated: a bad value raises pydantic's
         ValidationError. A student without a soft term (alpha 0) has no leftover to treat, so it
-        appears once (with the first)."""
+        appears once (with the first leftover and retemper)."""
         configs: list[StudentConfig] = []
         seen: set[str] = set()
-        for spec, t, a, lr, wd, ls, seed, rest in product(self.spec, self.temperature, self.alpha, self.lr,
-                                                          self.weight_decay, self.label_smoothing, self.seed,
-                                                          self.leftover):
+        for spec, t, a, lr, wd, ls, seed, rest, how in product(self.spec, self.temperature, self.alpha, self.lr,
+                                                               self.weight_decay, self.label_smoothing, self.seed,
+                                                               self.leftover, self.retemper):
             cfg = StudentConfig(spec=spec, temperature=t if a > 0 else self.temperature[0], alpha=a, lr=lr,
                                 weight_decay=wd, label_smoothing=ls, seed=seed,
-                                leftover=rest if a > 0 else self.leftover[0])
+                                leftover=rest if a > 0 else self.leftover[0],
+                                retemper=how if a > 0 else self.retemper[0])
             key = cfg.model_dump_json()
             if key not in seen:
                 seen.add(key)

@@ -331,6 +331,55 @@ def test_another_temperature_is_refused_in_one_line(digits: dict[str, Cache], st
     assert len(board) == 1
 
 
+# -- another temperature by a named approximation ---------------------------------------------
+
+
+def test_uniform_tail_is_exact_when_the_tail_is_uniform() -> None:
+    """Teacher logits whose classes outside the top 4 are all equal: powering the kept
+    probabilities and a uniform tail is then the distribution at the new temperature exactly."""
+    from softcache.student.loss import retemper
+
+    gen = torch.Generator().manual_seed(0)
+    z = torch.full((6, 10), -1.0)
+    z[:, :4] = torch.randn(6, 4, generator=gen).abs() * 3  # all above the tail: the top 4 are these
+    t_cache, t = 2.0, 5.0
+    logp = torch.log_softmax(z / t_cache, -1)
+    kept, ids = logp.topk(4, -1)
+    teacher = TopK(ids, kept, 1 - kept.exp().sum(-1))
+    moved = retemper(teacher, 10, t_cache, t)
+    want = torch.log_softmax(z / t, -1)
+    torch.testing.assert_close(moved.logp, want.gather(-1, ids), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(moved.rest, 1 - want.gather(-1, ids).exp().sum(-1), atol=1e-5, rtol=1e-5)
+    assert retemper(teacher, 10, t_cache, t_cache) is teacher
+
+
+def test_uniform_tail_powers_sampled_counts_and_keeps_unused_slots_empty() -> None:
+    from softcache.student.loss import retemper
+
+    counts = torch.tensor([[6.0, 3.0, 3.0, 0.0]])
+    teacher = TopK.sampled(torch.tensor([[7, 2, 5, 0]]), counts)
+    moved = retemper(teacher, 10, 1.0, 2.0)
+    weights = torch.tensor([6.0, 3.0, 3.0]).sqrt()
+    torch.testing.assert_close(moved.logp[0, :3].exp(), weights / weights.sum())
+    assert moved.logp[0, 3] == -math.inf and moved.rest[0] == 0
+
+
+def test_a_named_approximation_trains_at_another_temperature(digits: dict[str, Cache], tmp_path: Path) -> None:
+    result = main("train", "--cache", digits["topk:5"].url, "--student", MLP, "--temperature", "2", "--lr", "0.003",
+                  "--epochs", "10", "--batch-size", "64", "--retemper", "uniform-tail", "--out", str(tmp_path / "out"),
+                  "--json", "--quiet")
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(result.stdout)["leaderboard"]
+    assert "T=2" in row["student"] and "uniform-tail" in row["student"] and row["test_accuracy"] > 0.8
+    # its targets are its own: it steps alone, never stacked with students of the cache's targets
+    from softcache.student.stacked import stackable
+
+    cfg = StudentConfig(spec=MLP, temperature=2.0, retemper="uniform-tail")
+    run = make_run(cfg, 10, torch.zeros(2, 1, 8, 8), torch.device("cpu"))
+    assert not stackable(run) and stackable(make_run(StudentConfig(spec=MLP), 10, torch.zeros(2, 1, 8, 8),
+                                                      torch.device("cpu")))
+
+
 def _tampered(cache: Cache, tmp_path: Path, name: str, row: int, value: float) -> str:
     copy = tmp_path / "tampered.zarr"
     shutil.copytree(cache.url, copy)

@@ -167,16 +167,38 @@ def test_label_and_renormalize_leftovers() -> None:
     gen = torch.Generator().manual_seed(2)
     teacher, student = torch.randn(3, 9, generator=gen), torch.randn(3, 9, generator=gen)
     soft, log_q = _topk(teacher, 3), torch.log_softmax(student, -1)
-    labels = torch.tensor([0, 1, -1])
+    outside = int(next(c for c in range(9) if c not in soft.ids[1].tolist()))
+    labels = torch.tensor([int(soft.ids[0, 1]), outside, -1])  # a label the teacher kept, one it did not, none
     got = topk_kl(log_q, soft, labels, "label")
     p = soft.logp.exp()
-    ce = -(p * log_q.gather(1, soft.ids)).sum(1)
-    to_label = torch.stack([log_q[0, 0], log_q[1, 1], torch.log1p(-log_q[2].gather(0, soft.ids[2]).exp().sum())])
-    entropy = (p * soft.logp).sum(1) + soft.rest * soft.rest.log()
-    assert torch.allclose(got, (ce - soft.rest * to_label + entropy).mean(), atol=1e-5)
+    want = []
+    for row in range(3):  # the KL of the teacher's target, written out densely
+        target = torch.zeros(9).scatter(0, soft.ids[row], p[row])
+        if labels[row] >= 0:  # the leftover joins the label's mass: one class, one term
+            target[labels[row]] += soft.rest[row]
+            live = target > 0
+            want.append((target[live] * (target[live].log() - log_q[row][live])).sum())
+        else:  # the bucket: the student's mass outside the kept ids
+            q_rest = 1 - log_q[row].gather(0, soft.ids[row]).exp().sum()
+            kept = (p[row] * (soft.logp[row] - log_q[row].gather(0, soft.ids[row]))).sum()
+            want.append(kept + soft.rest[row] * (soft.rest[row].log() - q_rest.log()))
+    assert torch.allclose(got, torch.stack(want).mean(), atol=1e-5)
     renorm = topk_kl(log_q, soft, None, "renormalize")
     pn = p / p.sum(1, keepdim=True)
     assert torch.allclose(renorm, (pn * (pn.log() - log_q.gather(1, soft.ids))).sum(1).mean(), atol=1e-5)
+
+
+def test_the_label_leftover_kl_is_never_negative() -> None:
+    """A student that is the merged target itself has KL 0, whether the label was kept or not."""
+    gen = torch.Generator().manual_seed(3)
+    soft = _topk(torch.randn(2, 9, generator=gen) * 2, 3)
+    labels = torch.tensor([int(soft.ids[0, 0]), int(next(c for c in range(9) if c not in soft.ids[1].tolist()))])
+    target = torch.zeros(2, 9).scatter(1, soft.ids, soft.logp.exp())
+    target[torch.arange(2), labels] += soft.rest
+    for row in range(2):
+        got = topk_kl(target[row : row + 1].clamp(min=1e-12).log(), soft.select(torch.tensor([row])),
+                      labels[row : row + 1], "label")
+        assert abs(float(got)) < 1e-5
 
 
 def test_distilling_from_the_topk_cache_beats_cross_entropy(topk_cache: Cache) -> None:

@@ -169,7 +169,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         students = StudentGrid(spec=args.student, temperature=args.temperature, alpha=args.alpha, lr=args.lr,
                                seed=args.seed, label_smoothing=[args.label_smoothing],
-                               leftover=args.leftover).expand()
+                               leftover=args.leftover, retemper=args.retemper).expand()
         config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, shuffle_seed=args.shuffle_seed, device=args.device,
                              loader=args.loader, memory_budget=_size(args.memory_budget), buffer_chunks=args.buffer_chunks,
                              workers=args.workers, start_method=args.start_method, group=not args.no_group)

@@ -165,6 +165,10 @@ def _train_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                    default=[student_default("leftover")],
                    help="top-k caches: the leftover mass is an 'other' class (bucket), goes to the true label "
                         "(label), or is dropped (renormalize: biased); one or more (a grid)")
+    p.add_argument("--retemper", nargs="+", choices=["refuse", "uniform-tail"], default=[student_default("retemper")],
+                   help="top-k or sampled caches at a --temperature other than the cache's: refuse (default), or "
+                        "uniform-tail (an approximation: kept probabilities powered by T_cache/T, the leftover spread "
+                        "evenly over the classes not kept); one or more (a grid)")
     p.add_argument("--epochs", type=int, default=train_default["epochs"], help="passes over the cache")
     p.add_argument("--batch-size", type=int, default=train_default["batch_size"],
                    help="rows per step, the same batch for every student")

@@ -46,15 +46,17 @@ def check_temperature(cache: Cache) -> None:
 def check_compact_temperature(cache: Cache, configs: Sequence[StudentConfig]) -> None:
     """A top-k cache stores probabilities at its own temperature, a sampled one draws at it:
     another temperature cannot be recovered from K values and a leftover mass, nor from counts,
-    so it is refused rather than approximated."""
+    so it is refused unless the student names an approximation (``retemper``, see
+    ``loss.Retemper``)."""
     st = cache.manifest.storage
-    other = [c for c in configs if st.mode != "full" and c.alpha > 0 and c.temperature != cache.temperature]
+    other = [c for c in configs if st.mode != "full" and c.alpha > 0 and c.temperature != cache.temperature
+             and c.retemper == "refuse"]
     if other:
         holds = "draws from the teacher's distribution" if st.mode == "sample" else "the teacher's probabilities"
         raise UsageError(f"{cache.location}: this {st.mode}:{st.k} cache holds {holds} at "
                          f"T={cache.temperature:g}; student {other[0].display_name()} asks for T="
                          f"{other[0].temperature:g}, which a compact cache cannot give exactly: train at "
-                         f"--temperature {cache.temperature:g}")
+                         f"--temperature {cache.temperature:g}, or name an approximation (--retemper uniform-tail)")
 
 
 def check_label_range(labels: torch.Tensor, classes: int, what: str) -> None:

@@ -18,7 +18,7 @@ import torch
 
 from softcache.config import StudentConfig
 from softcache.student._batch import TopK
-from softcache.student.loss import LossSettings, _cross, _xlogy, stacked_loss
+from softcache.student.loss import LossSettings, _cross, leftover_entropy, stacked_loss
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ def compact_soft_term(logits: torch.Tensor, teacher: TopK, labels: torch.Tensor,
     y = labels.clamp(min=0).long().expand(k, -1).unsqueeze(-1)
     lq_y = log_q.gather(-1, y).squeeze(-1)
     to_label = compact.to_label & (labels >= 0)  # rows without a label fall back to the bucket
-    row = _cross(logp, lq).sum(-1) + _xlogy(rest, rest.clamp(min=1e-30).log()) - \
+    row = _cross(logp, lq).sum(-1) + leftover_entropy(logp, ids, rest, labels.expand(k, -1), to_label) - \
         rest * torch.where(to_label, lq_y, log_q_rest)
     loss = torch.where(settings.soft_on.view(k), settings.soft_weight.view(k) * row.sum(-1) / n, 0.0)
     bucket = ~to_label

@@ -38,6 +38,37 @@ Leftover = Literal["bucket", "label", "renormalize"]
 """
 
 
+Retemper = Literal["refuse", "uniform-tail"]
+"""What a student asking for another temperature than a compact cache's does. Full storage keeps
+``z / T_cache`` and is rescaled exactly (:func:`rescale`); a compact cache cannot be:
+
+``refuse``
+    (default) training stops before the first step with one line naming the cache's temperature.
+``uniform-tail``
+    :func:`retemper`: each kept probability is raised to the power ``T_cache / T`` and the
+    leftover mass is taken as spread evenly over the classes not kept, then everything is
+    renormalised. Exact on the kept classes' ratios; the tail's shape is a guess (a real tail is
+    skewed, so at ``T > T_cache`` this flattens it too little). Sampled counts have no tail: their
+    estimated probabilities are powered, which is biased for small counts.
+"""
+
+
+def retemper(teacher: TopK, classes: int, cache_temperature: float, temperature: float) -> TopK:
+    """A compact teacher distribution at ``cache_temperature`` moved to ``temperature`` by the
+    ``uniform-tail`` approximation (see :data:`Retemper`): with ``a = T_cache / T``, a kept
+    class weighs ``p_k^a``, each of the ``m`` classes not kept ``(rest / m)^a``."""
+    if temperature == cache_temperature:
+        return teacher
+    power = cache_temperature / temperature
+    logp = teacher.logp.to(torch.float32) * power  # -inf (an unused slot) stays -inf
+    kept = (teacher.logp > -math.inf).sum(-1).to(torch.float32)
+    others = (classes - kept).clamp(min=1)
+    rest = teacher.rest.to(torch.float32)
+    log_tail = torch.where(rest > 0, others.log() * (1 - power) + rest.clamp(min=1e-30).log() * power, -math.inf)
+    log_total = torch.logaddexp(logp.logsumexp(-1), log_tail)
+    return TopK(teacher.ids, logp - log_total.unsqueeze(-1), (log_tail - log_total).exp())
+
+
 def rescale(stored: torch.Tensor, cache_temperature: float, temperature: float) -> torch.Tensor:
     """Cached ``z / T_cache`` to ``z / temperature``; a no-op multiply is skipped so that
     training at the cache's own temperature sees the stored values bit for bit."""
@@ -119,6 +150,23 @@ def _cross(logp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
     return torch.where(live, safe.exp() * (safe - lq), 0.0)
 
 
+def leftover_entropy(logp: torch.Tensor, ids: torch.Tensor, rest: torch.Tensor, labels: torch.Tensor | None,
+                     to_label: torch.Tensor | bool) -> torch.Tensor:
+    """The leftover's part of ``sum p log p`` per row, the constant that makes the soft term a KL.
+    Where the leftover goes to a label the teacher already kept (``to_label``), the two masses are
+    one class, ``(p_y + r) log(p_y + r)``, not two terms (which would undercount the teacher's
+    entropy and could report a negative KL). A constant: no gradient changes."""
+    own = _xlogy(rest, rest.clamp(min=1e-30).log())
+    if labels is None or to_label is False:
+        return own
+    live = logp > -math.inf
+    hit = (ids == labels.unsqueeze(-1)) & live & (labels >= 0).unsqueeze(-1)
+    p_y = torch.where(hit, torch.where(live, logp, 0.0).exp(), 0.0).sum(-1)
+    merged = p_y + rest
+    fix = _xlogy(merged, merged.clamp(min=1e-30).log()) - _xlogy(p_y, p_y.clamp(min=1e-30).log()) - own
+    return own + torch.where(hit.any(-1) & to_label, fix, 0.0)
+
+
 def topk_kl(log_student: torch.Tensor, teacher: TopK, labels: torch.Tensor | None,
             leftover: Leftover = "bucket", count: float | None = None) -> torch.Tensor:
     """KL from a top-k teacher distribution to the student's ``log_student`` ``(n, C)``, mean
@@ -147,7 +195,8 @@ def topk_kl(log_student: torch.Tensor, teacher: TopK, labels: torch.Tensor | Non
         log_q_rest = torch.where(known, lq_label, log_q_rest)
     elif leftover not in ("bucket", "label"):
         raise ValueError(f"leftover must be bucket, label or renormalize, not {leftover!r}")
-    return (kept + _xlogy(rest, rest.clamp(min=1e-30).log()) - rest * log_q_rest).sum() / n
+    constant = leftover_entropy(logp, teacher.ids, rest, labels, leftover == "label")
+    return (kept + constant - rest * log_q_rest).sum() / n
 
 
 class _CompactLoss(torch.autograd.Function):
@@ -176,7 +225,8 @@ class _CompactLoss(torch.autograd.Function):
         y = labels.clamp(min=0).unsqueeze(-1)
         lq_y = (z.gather(-1, y).squeeze(-1) - lse)
         other = torch.where(known, lq_y, log_q_rest) if to_label else log_q_rest
-        loss = alpha * (kept + _xlogy(rest, rest.clamp(min=1e-30).log()) - rest * other).sum() / n_soft
+        constant = leftover_entropy(logp, ids, rest, labels, to_label)
+        loss = alpha * (kept + constant - rest * other).sum() / n_soft
         hard = alpha < 1 and n_hard > 0
         if hard:
             loss = loss + (1 - alpha) * torch.where(known, -lq_y, 0.0).sum() / n_hard

@@ -20,7 +20,7 @@ from softcache.cache.trust import Trust
 from softcache.student._batch import Batch, Soft, TopK
 from softcache.student._distributed import DataParallel, Share
 from softcache.student.loaders import MemoryLoader
-from softcache.student.loss import distillation_loss, flatten_positions, rescale
+from softcache.student.loss import distillation_loss, flatten_positions, rescale, retemper
 from softcache.student.stacked import grouped
 from softcache.student.stream import StreamLoader
 from softcache.weights import load_model, output_logits, probe_model
@@ -64,8 +64,9 @@ class StudentRun:
         cfg = self.config
         logits = output_logits(self.model(batch.inputs))
         teacher = None
-        if soft is not None and cfg.alpha > 0:  # a top-k cache trains at its own temperature (train checks it)
-            teacher = soft if isinstance(soft, TopK) else rescale(soft, cache_temperature, cfg.temperature)
+        if soft is not None and cfg.alpha > 0:  # a compact cache: its own temperature, or a named approximation
+            teacher = retemper(soft, logits.shape[-1], cache_temperature, cfg.temperature) if isinstance(soft, TopK) \
+                else rescale(soft, cache_temperature, cfg.temperature)
         labels = batch.labels
         if logits.ndim == 3:  # token rows: every position that counts is one prediction
             logits, teacher, labels = flatten_positions(logits, teacher, labels, batch.mask)

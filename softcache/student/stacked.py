@@ -391,9 +391,12 @@ class StudentGroup:
 
 
 def stackable(run: Student) -> bool:
-    """A student can join a group: plain Adam, no buffers, every parameter trained."""
+    """A student can join a group: plain Adam, no buffers, every parameter trained, and the
+    cache's own targets (a student that names a temperature approximation, ``retemper``, has
+    targets of its own: it steps alone)."""
     params = list(run.model.parameters())
     return (adam_settings(run.optimizer) is not None and not any(True for _ in run.model.buffers())
+            and run.config.retemper == "refuse"
             and bool(params) and all(p.requires_grad for p in params)
             and len(run.optimizer.param_groups[0]["params"]) == len(params))
 
