@@ -102,7 +102,7 @@ def test_manifest_records_the_draws_and_the_seed(sampled: Cache, teacher: nn.Mod
     assert (st.mode, st.k, st.dtype, st.id_dtype, st.values, st.seed) == ("sample", N, "uint8", "uint16", "counts", 0)
     assert m.schema_version == 2 and m.key() == m.cache_key
     raw = m.to_json()
-    assert raw["storage"]["seed"] == 0
+    assert raw["storage"]["seed"] == 0 and raw["storage"]["sampler"] == st.sampler == "systematic"
     jsonschema.validate(raw, json.loads((SCHEMAS / "manifest.schema.json").read_text()))
     assert softcache.validate(sampled.url, deep=True)["valid"]
     info = summarize(sampled)
@@ -205,12 +205,18 @@ def _dense(stored: dict[str, np.ndarray], classes: int) -> np.ndarray:
 Sampler = Callable[[torch.Tensor, int], dict[str, np.ndarray]]
 
 
-def _storage(seed: int) -> StorageInfo:
-    return StorageInfo(mode="sample", k=N, dtype="uint8", id_dtype="uint16", values="counts", seed=seed)
+def _storage(seed: int, sampler: str | None = "systematic") -> StorageInfo:
+    """Sampled storage as builds write it (systematic draws), or with independent draws."""
+    return StorageInfo(mode="sample", k=N, dtype="uint8", id_dtype="uint16", values="counts", seed=seed,
+                       sampler=sampler)  # type: ignore[arg-type]
 
 
 def _stored_sampler(scaled: torch.Tensor, seed: int) -> dict[str, np.ndarray]:
     return compact(scaled, _storage(seed), first_row=3)
+
+
+def _independent_sampler(scaled: torch.Tensor, seed: int) -> dict[str, np.ndarray]:
+    return compact(scaled, _storage(seed, None), first_row=3)
 
 
 def _sharpened_sampler(scaled: torch.Tensor, seed: int) -> dict[str, np.ndarray]:
@@ -228,14 +234,29 @@ def _mean_target(sampler: Sampler, scaled: torch.Tensor) -> np.ndarray:
     return sum(_dense(sampler(scaled, seed), scaled.shape[-1]) for seed in range(SEEDS)) / SEEDS
 
 
-def test_the_mean_of_sampled_targets_is_the_teacher_distribution() -> None:
+@pytest.mark.parametrize("sampler", [_stored_sampler, _independent_sampler], ids=["systematic", "independent"])
+def test_the_mean_of_sampled_targets_is_the_teacher_distribution(sampler: Sampler) -> None:
     scaled = _distributions()
     p = scaled.softmax(-1).double().numpy()
-    mean = _mean_target(_stored_sampler, scaled)
+    mean = _mean_target(sampler, scaled)
     assert matches_teacher(mean, p, N * SEEDS)
     assert np.allclose(mean.sum(-1), 1) and (mean[0, 1, 4], mean[1, 2, 19]) == (0, 0)
     # the check is not vacuous: a single seed's target is far from p, and the tolerance is tight
-    assert not matches_teacher(_dense(_stored_sampler(scaled, 0), 20), p, N * SEEDS)
+    assert not matches_teacher(_dense(sampler(scaled, 0), 20), p, N * SEEDS)
+
+
+def test_systematic_draws_give_every_class_the_floor_or_ceiling_of_its_expected_count() -> None:
+    """What makes systematic draws worth it: no class strays from ``N p`` by a whole draw, where
+    independent draws stray by several."""
+    scaled = _distributions()
+    expected = scaled.softmax(-1).double().numpy() * N
+    spread = {}
+    for name, sampler in (("systematic", _stored_sampler), ("independent", _independent_sampler)):
+        counts = np.stack([_dense(sampler(scaled, seed), 20) * N for seed in range(50)])
+        spread[name] = np.abs(counts - expected).max()
+        if name == "systematic":
+            assert ((counts >= np.floor(expected) - 1e-9) & (counts <= np.ceil(expected) + 1e-9)).all()
+    assert spread["systematic"] < 1 < spread["independent"]
 
 
 @pytest.mark.parametrize("biased", [_sharpened_sampler, _topk_sampler], ids=["p^1.5", "top-6 only"])

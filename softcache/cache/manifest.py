@@ -125,7 +125,10 @@ class StorageInfo(_Model):
     ``seed`` and the row, position and draw (``teacher.label.sample_counts`` states the rule): the
     distinct ids drawn (``soft_ids``) and how often each was drawn (``soft_labels``, uint8 counts
     summing to ``k``), most drawn first, in ``min(k, classes)`` slots, unused slots id 0 count 0.
-    The target ``counts / k`` is an unbiased estimate of the teacher's distribution; no leftover."""
+    The target ``counts / k`` is an unbiased estimate of the teacher's distribution; no leftover.
+    ``sampler`` says how the ``k`` uniforms of a row or position are drawn: ``systematic`` (one
+    uniform ``u``, then ``(u + d) / k``: every class of probability ``p`` is drawn ``floor(k p)``
+    or ``ceil(k p)`` times, far less noise for the same bytes), or independently (absent)."""
 
     mode: Literal["full", "topk", "sample"] = "full"
     k: int | None = Field(default=None, ge=1, description="entries kept per row/position (topk), draws per "
@@ -141,6 +144,9 @@ class StorageInfo(_Model):
     seed: int | None = Field(
         default=None, ge=0, description="sample: seeds the draws (row r's draws are a function of seed, r, position "
                                         "and draw only, so shards and resumed builds draw alike); absent otherwise")
+    sampler: Literal["systematic"] | None = Field(
+        default=None, description="sample: 'systematic' draws (one uniform u per row/position, draw d at (u + d) / k; "
+                                  "unbiased, each class drawn floor or ceil of k p times); absent: independent draws")
 
     def problem(self, classes: int) -> str | None:
         """What is inconsistent in this storage for a cache of ``classes`` classes, or None."""
@@ -154,6 +160,8 @@ class StorageInfo(_Model):
                                       or self.values != "counts" or self.dtype != "uint8" or self.seed is None):
             return (f"sample storage needs 1 <= k <= {SAMPLE_MAX_DRAWS} draws, an id_dtype, a seed and uint8 "
                     "values 'counts'")
+        if self.mode != "sample" and self.sampler is not None:
+            return "only sample storage has a sampler"
         if self.mode != "sample" and self.seed is not None:
             return f"{self.mode} storage draws nothing and keeps no seed"
         return None
@@ -293,8 +301,9 @@ class Manifest(_Model):
         # fields at their defaults that a version-1 reader does not know are left out, so a
         # version-1 cache stays byte-for-byte what 0.1 wrote and reads
         data = self.model_dump(mode="json")
-        if self.storage.seed is None:  # only sampled storage has one
-            data["storage"].pop("seed", None)
+        for key in ("seed", "sampler"):  # only sampled storage has them
+            if getattr(self.storage, key) is None:
+                data["storage"].pop(key, None)
         if self.schema_version < 2:
             for key in ("kind", "sequence"):
                 data.pop(key, None)
@@ -359,7 +368,8 @@ def compute_cache_key(
 def _unkeyed(storage: StorageInfo, version: int) -> set[str] | None:
     """Storage fields left out of the key: those a cache of ``version`` does not record (so keys
     computed before a field existed stay as they were)."""
-    left = ({"id_dtype", "values"} if version < 2 else set()) | ({"seed"} if storage.seed is None else set())
+    left = ({"id_dtype", "values"} if version < 2 else set()) | \
+        {key for key in ("seed", "sampler") if getattr(storage, key) is None}
     return left or None
 
 

@@ -63,7 +63,7 @@ def storage_info(storage: str, dtype: str, classes: int | None = None) -> Storag
     if mode == "sample":  # the counts are uint8 whatever the float dtype
         draws, _, seed = k.partition(":")
         return StorageInfo(mode="sample", k=int(draws), dtype="uint8", id_dtype=layout.id_dtype(classes or 1 << 31),  # type: ignore[arg-type]
-                           values="counts", seed=int(seed or 0))
+                           values="counts", seed=int(seed or 0), sampler="systematic")
     kept = int(k)
     if classes is not None and kept >= classes:
         raise UsageError(f"storage {storage}: K={kept} keeps all {classes} of the teacher's classes (its vocabulary, for token rows); "

@@ -12,6 +12,13 @@ of the cumulative distribution at T holds ``u * total``, where ``u`` in [0, 1) i
 of a splitmix64 hash chain over ``(seed, r, p, d)`` (:func:`draw_uniforms`). A draw is thus a
 function of those four numbers and the teacher's probabilities only: a rebuild, a resumed build
 and any sharding of the rows draw the same classes, whatever blocks the rows arrive in.
+
+Builds draw *systematically* (``storage.sampler``): one uniform ``u`` per position (``d`` = 0 in
+the chain above) and draw ``d`` at ``(u + d) / N``. Each draw alone is still uniform, so the
+target ``counts / N`` stays unbiased, but a class of probability ``p`` is drawn ``floor(N p)`` or
+``ceil(N p)`` times instead of anywhere from 0 to N: at a language model's entropy, 12 systematic
+draws estimate the distribution about as well as several times as many independent ones, in the
+same 3 bytes per draw. Caches that record no sampler were drawn independently and read the same.
 """
 
 from __future__ import annotations
@@ -91,7 +98,8 @@ def compact(scaled: torch.Tensor, storage: StorageInfo, first_row: int = 0) -> d
         return {layout.SOFT: scaled.to(getattr(torch, storage.dtype)).numpy()}
     logp = torch.log_softmax(scaled, dim=-1)
     if storage.mode == "sample":
-        ids, counts = sample_counts(logp, int(storage.k or 0), int(storage.seed or 0), first_row)
+        ids, counts = sample_counts(logp, int(storage.k or 0), int(storage.seed or 0), first_row,
+                                    systematic=storage.sampler == "systematic")
         return {layout.SOFT: counts.numpy().astype(np.uint8), layout.SOFT_IDS: ids.numpy().astype(storage.id_dtype)}
     values, ids = logp.topk(int(storage.k or 0), dim=-1)
     rest = (1.0 - values.exp().sum(-1)).clamp_(min=0.0)
@@ -125,18 +133,25 @@ def draw_uniforms(seed: int, rows: np.ndarray, positions: int, draws: int) -> np
     return (h >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
-def sample_counts(logp: torch.Tensor, draws: int, seed: int, first_row: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_counts(logp: torch.Tensor, draws: int, seed: int, first_row: int,
+                  systematic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``draws`` classes drawn with replacement from ``exp(logp)`` ``(n, P, C)`` at every position
     of rows ``first_row ..``, by inverse CDF on :func:`draw_uniforms`, as ``(ids, counts)``
     ``(n, P, min(draws, C))`` int64: the distinct ids drawn, most drawn first (ties: smaller id
-    first), then unused slots of id 0 and count 0.
+    first), then unused slots of id 0 and count 0. ``systematic``: the draws of a position are
+    spaced ``1 / draws`` apart from one uniform (see the module docstring).
 
     The cumulative distribution is summed in float64 and each ``u`` scaled by its total, so a
     class of probability 0 is never drawn and rounding cannot push a draw past the last class."""
     n, positions, classes = logp.shape
     cdf = torch.cumsum(logp.exp(), -1, dtype=torch.float64)
     total = cdf[..., -1:]
-    u = torch.from_numpy(draw_uniforms(seed, np.arange(first_row, first_row + n), positions, draws))
+    rows = np.arange(first_row, first_row + n)
+    if systematic:  # one uniform per position, the draws spaced 1/draws apart from it
+        start = draw_uniforms(seed, rows, positions, 1)
+        u = torch.from_numpy((start + np.arange(draws)) / draws)
+    else:
+        u = torch.from_numpy(draw_uniforms(seed, rows, positions, draws))
     below = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # strictly below the total
     picks = torch.searchsorted(cdf, below, right=True).clamp_(max=classes - 1)
     return distinct_counts(picks, min(draws, classes))
