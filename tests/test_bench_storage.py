@@ -199,10 +199,9 @@ def test_steps_are_timed_against_a_cross_entropy_step_and_the_targets_follow_the
             assert m["step_vs_ce"] > 0 and m["step_ms"] > 0 and m["ce_step_ms"] > 0
     targets = result["targets"]
     sample = modes(result, "lm")["sample:12"]
-    assert targets["lm sample:12 bytes per token"] == {"value": 36.0, "target": "<= 40", "met": True}
-    assert targets["lm sample:50 bytes per token"]["met"] is False
-    bits = targets["lm sample:12 gpt bits per token / full storage's"]
-    st = sample["students"]["gpt"]
+    (key,) = [k for k in targets if k.startswith("lm sample mode at <= 40 bytes per token")]
+    assert "(sample:12)" in key  # sample:50 stores 150 bytes per token: not a candidate
+    bits, st = targets[key], sample["students"]["gpt"]
     assert bits["value"] == st["vs_full"] and bits["met"] == (st["vs_full"] <= 1.01 or st["within_seed_noise"])
     topk = targets["lm topk:64 bytes / full float16 bytes"]
     assert topk["value"] == pytest.approx(260 / 600) and topk["met"] is False  # a 300-token vocabulary: 600 bytes
@@ -221,5 +220,5 @@ def test_the_report_prints_a_row_per_mode_and_the_targets(run):
     for name in ("lm", "digits"):
         for mode in modes(result, name):
             assert f"  {mode} " in report
-    assert "targets:" in report and "lm sample:12 bytes per token: 36 (target <= 40: met)" in report
+    assert "targets:" in report and "lm sample mode at <= 40 bytes per token (sample:12)" in report
     assert "language model: V=300" in report and "digits: teacher test accuracy" in report

@@ -318,13 +318,15 @@ def storage_targets(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
         out[key] = {"value": value, "target": target, "met": bool(met)}
 
     for name, section in ((n, r[n]) for n in ("lm", "digits") if n in r):
+        if name == "lm":  # one sample mode must be both small and as good as full storage
+            small = [(mode, m) for mode, m in section["modes"].items()
+                     if mode.startswith("sample:") and m["bytes_per_token"] <= SAMPLE_BYTES_PER_TOKEN]
+            graded = [(all(st["vs_full"] <= WITHIN or st["within_seed_noise"] for st in m["students"].values()),
+                       max(st["vs_full"] for st in m["students"].values()), mode) for mode, m in small]
+            ok, worst, mode = max(graded, key=lambda g: (g[0], -g[1]), default=(False, math.inf, "none"))
+            add(f"lm sample mode at <= {SAMPLE_BYTES_PER_TOKEN:g} bytes per token ({mode}): students' bits per "
+                "token / full storage's", worst, f"<= {WITHIN:g} or within seed noise", ok)
         for mode, m in section["modes"].items():
-            if name == "lm" and mode.startswith("sample:"):
-                add(f"lm {mode} bytes per token", m["bytes_per_token"], f"<= {SAMPLE_BYTES_PER_TOKEN:g}",
-                    m["bytes_per_token"] <= SAMPLE_BYTES_PER_TOKEN)
-                for k, st in m["students"].items():
-                    add(f"lm {mode} {k} bits per token / full storage's", st["vs_full"],
-                        f"<= {WITHIN:g} or within seed noise", st["vs_full"] <= WITHIN or st["within_seed_noise"])
             if name == "lm" and mode.startswith("topk:"):
                 add(f"lm {mode} bytes / full float16 bytes", m["bytes_vs_full"], f"<= {TOPK_BYTES_SHARE:g}",
                     m["bytes_vs_full"] <= TOPK_BYTES_SHARE)
