@@ -68,7 +68,9 @@ class CacheOptions(_Model):
     """How a cache is written: the options ``build`` and ``synthesize`` share."""
 
     temperature: Temperature = Field(default=TEMPERATURE, description="temperature T the stored logits are divided by")
-    dtype: Literal["float16", "float32"] = Field(default="float16", description="dtype of the stored soft labels")
+    dtype: Literal["float16", "float32", "uint8"] = Field(
+        default="float16", description="dtype of the stored soft labels: float16 or float32; uint8 quantises top-k "
+                                       "log-probabilities (1/16 nat steps)")
     chunk_rows: int = Field(default=4096, ge=1, description="rows per chunk; writes cover whole chunks")
     views: int = Field(default=1, ge=1, description="label this many augmented views of every input (needs "
                        "augment); stage 2 replays them exactly")

@@ -303,6 +303,23 @@ def test_the_cli_trains_from_a_compact_cache(digits: dict[str, Cache], tmp_path:
     assert (tmp_path / "out" / "leaderboard.parquet").exists()
 
 
+def test_uint8_topk_values_build_and_train_from_the_cli(teacher_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "q.zarr"
+    built = main("build", "--teacher", str(teacher_path), "--data", DATA_SPEC, "--eval-data", EVAL_SPEC, "--out",
+                 str(out), "--storage", "topk:5", "--dtype", "uint8", "--temperature", "4", "--json", "--quiet")
+    assert built.returncode == 0, built.stderr
+    cache = open_cache(str(out))
+    assert cache.train.read(layout.SOFT).dtype == np.uint8 and cache.manifest.storage.scale == 1 / 16
+    result = main("train", "--cache", str(out), "--student", MLP, "--lr", "0.003", "--epochs", "15",
+                  "--batch-size", "64", "--loader", "stream", "--out", str(tmp_path / "out"), "--json", "--quiet")
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(result.stdout)["leaderboard"]
+    assert row["test_accuracy"] > 0.8
+    refused = _one_line_refusal("build", "--teacher", str(teacher_path), "--data", DATA_SPEC, "--out",
+                                str(tmp_path / "full.zarr"), "--dtype", "uint8")
+    assert "uint8 quantises top-k" in refused and not (tmp_path / "full.zarr").exists()
+
+
 # -- refusals ---------------------------------------------------------------------------------
 
 

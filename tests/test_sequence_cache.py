@@ -103,6 +103,43 @@ def test_topk_arrays_agree_with_the_full_distribution(temperature: float) -> Non
     assert np.array_equal(got["stats/prediction"], want["stats/prediction"])
 
 
+def test_uint8_topk_values_are_log_probabilities_in_recorded_steps(teacher: torch.nn.Module, tmp_path: Path) -> None:
+    from softcache.cache.manifest import LOGPROB_STEP, StorageInfo
+    from softcache.cache.summary import summarize
+
+    cache = softcache.build(teacher, lmkit.rows(), str(tmp_path / "q.zarr"), eval_data=lmkit.rows(n=16, split="eval"),
+                            storage="topk:8", dtype="uint8", temperature=T, progress=False, chunk_rows=16)
+    st = cache.manifest.storage
+    assert (st.dtype, st.scale, st.values) == ("uint8", LOGPROB_STEP, "logprobs")
+    assert cache.manifest.to_json()["storage"]["scale"] == LOGPROB_STEP
+    with torch.no_grad():
+        want, want_ids = torch.log_softmax(teacher(lmkit.rows().tokens) / T, -1).topk(8, -1)
+    stored = cache.train.read("soft_labels")
+    assert stored.dtype == np.uint8
+    assert np.array_equal(cache.train.read("soft_ids").astype(np.int64), want_ids.numpy())
+    got = -stored.astype(np.float64) * LOGPROB_STEP
+    inside = want.numpy() > -255 * LOGPROB_STEP
+    assert inside.mean() > 0.9 and np.abs(got - want.numpy())[inside].max() <= LOGPROB_STEP / 2 + 1e-6
+    assert (stored[~inside] == 255).all()
+    assert summarize(cache)["bytes_per_token"] == pytest.approx(8 * (1 + 2) + 4)  # uint8 value, uint16 id; leftover
+    # the loaders widen it back, and a student trains from it
+    from softcache.student.sequence import SequenceLoader
+
+    loader = SequenceLoader(cache, batch_size=8)
+    batch = next(iter(loader.epoch(0)))
+    assert torch.allclose(batch.soft.logp, torch.from_numpy(got[batch.rows.numpy()]).float())
+    board = softcache.train(cache, StudentConfig(spec="lmkit:student", alpha=0.9, temperature=T, lr=0.03),
+                            config=TrainConfig(epochs=1, batch_size=8), progress=False).leaderboard
+    assert math.isfinite(board["bits_per_token"][0])
+    # another scale is not this version's; float storage has none; full storage is never uint8
+    assert StorageInfo(mode="topk", k=8, dtype="uint8", id_dtype="uint16", values="logprobs", scale=0.1).problem(64)
+    assert StorageInfo(mode="topk", k=8, dtype="float16", id_dtype="uint16", values="logprobs",
+                       scale=LOGPROB_STEP).problem(64)
+    with pytest.raises(UsageError, match="uint8 quantises top-k"):
+        softcache.build(teacher, lmkit.rows(), str(tmp_path / "f.zarr"), dtype="uint8", temperature=T, progress=False)
+    assert not (tmp_path / "f.zarr").exists()
+
+
 def test_manifest_records_the_sequence_section(topk_cache: Cache, full_cache: Cache) -> None:
     m = topk_cache.manifest
     assert (m.kind, m.schema_version, m.sequence.length, m.sequence.vocab_size) == ("sequence", 2, 16, 64)

@@ -282,3 +282,19 @@ def test_verify_over_http_checks_every_signed_file(http_root: HttpServer, built:
     _flip_byte(next(p for p in sorted((local / "labels" / "c").rglob("*")) if p.is_file()))
     with pytest.raises(CacheError, match="changed since signing"):
         softcache.verify(url, keys[1])
+
+
+@pytest.mark.parametrize("storage, dtype, array", [("topk:4", "uint8", "soft_ids"), ("topk:4", "float16", "soft_rest"),
+                                                   ("sample:6", "float16", "soft_labels")])
+def test_signing_and_deep_validation_cover_compact_arrays(storage: str, dtype: str, array: str,
+                                                          keys: tuple[str, str], tmp_path: Path) -> None:
+    """Every array a compact mode adds is signed and digested: editing one chunk of it is caught."""
+    url = tmp_path / "compact.zarr"
+    build_tiny(tiny_teacher(), url, storage=storage, dtype=dtype if storage.startswith("topk") else "float16")
+    assert main("sign", str(url), "--key", keys[0], "--json").returncode == 0
+    assert _verify(url, keys[1])[0] == 0 and softcache.validate(str(url), deep=True)["valid"]
+    chunk = next(p for p in (url / array).rglob("*") if p.is_file() and p.name != "zarr.json")
+    _flip_byte(chunk)
+    code, verified, _ = _verify(url, keys[1])
+    assert code != 0 and not verified["verified"]
+    assert not softcache.validate(str(url), deep=True)["valid"]

@@ -113,6 +113,12 @@ class ClassInfo(_Model):
 SAMPLE_MAX_DRAWS = 255
 """Draws a ``sample`` cache may take per row/position: its counts are stored as uint8."""
 
+LOGPROB_STEP = 1 / 16
+"""Nats per step of top-k log-probabilities stored as uint8 (``storage.scale``): value ``v``
+means ``log p = -v * scale``, so 255 steps reach ``p = e^-15.9``, about 1.2e-7, and a kept
+probability is off by at most 3.2% of itself. One scale for every cache of this version: a
+reader widens a batch without the manifest at hand, and a cache recording another is refused."""
+
 
 class StorageInfo(_Model):
     """How soft labels are stored.
@@ -141,6 +147,9 @@ class StorageInfo(_Model):
     values: Literal["logits", "logprobs", "counts"] = Field(
         default="logits", description="logits: z / T (full); logprobs: log softmax(z / T) of the kept ids (topk); "
                                       "counts: how often each stored id was drawn (sample)")
+    scale: float | None = Field(
+        default=None, description=f"topk with uint8 values: nats per step, log p = -value * scale ({LOGPROB_STEP}); "
+                                  "absent otherwise")
     seed: int | None = Field(
         default=None, ge=0, description="sample: seeds the draws (row r's draws are a function of seed, r, position "
                                         "and draw only, so shards and resumed builds draw alike); absent otherwise")
@@ -154,8 +163,11 @@ class StorageInfo(_Model):
         if self.mode == "full" and (self.k is not None or self.values != "logits" or not floats):
             return "full storage keeps no k and stores float logits"
         if self.mode == "topk" and (self.k is None or self.id_dtype is None or self.values != "logprobs"
-                                    or self.k >= classes or not floats):
-            return "topk storage needs k < classes, an id_dtype and float values 'logprobs'"
+                                    or self.k >= classes or not (floats or self.dtype == "uint8")):
+            return "topk storage needs k < classes, an id_dtype and float or uint8 values 'logprobs'"
+        if (self.scale is not None or (self.mode == "topk" and self.dtype == "uint8")) and \
+                not (self.mode == "topk" and self.dtype == "uint8" and self.scale == LOGPROB_STEP):
+            return f"uint8 top-k values need scale {LOGPROB_STEP} (nats per step), and only they have a scale"
         if self.mode == "sample" and (self.k is None or self.k > SAMPLE_MAX_DRAWS or self.id_dtype is None
                                       or self.values != "counts" or self.dtype != "uint8" or self.seed is None):
             return (f"sample storage needs 1 <= k <= {SAMPLE_MAX_DRAWS} draws, an id_dtype, a seed and uint8 "
@@ -301,7 +313,7 @@ class Manifest(_Model):
         # fields at their defaults that a version-1 reader does not know are left out, so a
         # version-1 cache stays byte-for-byte what 0.1 wrote and reads
         data = self.model_dump(mode="json")
-        for key in ("seed", "sampler"):  # only sampled storage has them
+        for key in ("seed", "sampler", "scale"):  # only sampled storage, or uint8 top-k values, have them
             if getattr(self.storage, key) is None:
                 data["storage"].pop(key, None)
         if self.schema_version < 2:
@@ -369,7 +381,7 @@ def _unkeyed(storage: StorageInfo, version: int) -> set[str] | None:
     """Storage fields left out of the key: those a cache of ``version`` does not record (so keys
     computed before a field existed stay as they were)."""
     left = ({"id_dtype", "values"} if version < 2 else set()) | \
-        {key for key in ("seed", "sampler") if getattr(storage, key) is None}
+        {key for key in ("seed", "sampler", "scale") if getattr(storage, key) is None}
     return left or None
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from softcache.cache.manifest import LOGPROB_STEP
 from softcache.sequences import next_token_targets
 
 
@@ -73,13 +74,16 @@ def stored_soft(values: torch.Tensor, ids: torch.Tensor | None, rest: torch.Tens
                 device: torch.device) -> Soft:
     """The teacher's side of a batch from its soft-label arrays as stored, widened here: float
     values alone are full storage (``z / T_cache``); ids with a leftover ``rest`` are top-k
-    storage, ids without one sampled counts (:meth:`TopK.sampled`). Every loader, of either row
+    storage (uint8 values: quantised log-probabilities, ``manifest.LOGPROB_STEP`` nats a step),
+    ids without one sampled counts (:meth:`TopK.sampled`). Every loader, of either row
     kind, widens its gathered rows here and nowhere else, so they serve the same targets."""
     widened = values.to(device, torch.float32)
     if ids is None:
         return widened
     if rest is None:
         return TopK.sampled(ids.to(device, torch.int64), widened)
+    if values.dtype == torch.uint8:  # quantised log-probabilities: steps of LOGPROB_STEP nats below 0
+        widened = widened.mul_(-LOGPROB_STEP)
     return TopK(ids.to(device, torch.int64), widened, rest.to(device, torch.float32))
 
 

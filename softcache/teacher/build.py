@@ -30,6 +30,7 @@ from softcache.data import batches, describe, load_dataset
 from softcache.config import BuildConfig, with_options
 from softcache.errors import CacheError, UsageError
 from softcache.cache.manifest import (
+    LOGPROB_STEP,
     BuildStatus,
     ClassInfo,
     DatasetSource,
@@ -58,6 +59,9 @@ def storage_info(storage: str, dtype: str, classes: int | None = None) -> Storag
     """A ``storage`` option (its form checked by ``BuildOptions``) as the manifest records it,
     for a teacher of ``classes`` classes (a compact mode must keep fewer than all of them)."""
     mode, _, k = storage.partition(":")
+    if dtype == "uint8" and mode != "topk":
+        raise UsageError(f"--dtype uint8 quantises top-k log-probabilities; {mode} storage keeps "
+                         + ("float logits (float16 or float32)" if mode == "full" else "uint8 counts already"))
     if mode == "full":
         return StorageInfo(dtype=dtype)  # type: ignore[arg-type]
     if mode == "sample":  # the counts are uint8 whatever the float dtype
@@ -69,7 +73,7 @@ def storage_info(storage: str, dtype: str, classes: int | None = None) -> Storag
         raise UsageError(f"storage {storage}: K={kept} keeps all {classes} of the teacher's classes (its vocabulary, for token rows); "
                          f"use --storage full, or K < {classes}")
     return StorageInfo(mode=mode, k=kept, dtype=dtype, id_dtype=layout.id_dtype(classes or 1 << 31),  # type: ignore[arg-type]
-                       values="logprobs")
+                       values="logprobs", scale=LOGPROB_STEP if dtype == "uint8" else None)
 
 
 def teacher_info(teacher: nn.Module, spec: Spec | None) -> TeacherInfo:

@@ -86,6 +86,15 @@ def teacher_logits(teacher: nn.Module, block: RowBlock, device: torch.device) ->
     return output_logits(teacher(views.reshape(n * v, *views.shape[2:]).to(device))).float().cpu().reshape(n, v, -1)
 
 
+def stored_logprobs(logp: torch.Tensor, storage: StorageInfo) -> np.ndarray:
+    """Top-k log-probabilities in the storage dtype: float as they are, or uint8 steps of
+    ``storage.scale`` nats below 0 (rounded to nearest, the last step holding everything
+    smaller; ``StorageInfo.scale`` says what a step is)."""
+    if storage.dtype != "uint8":
+        return logp.numpy().astype(storage.dtype)
+    return (-logp / float(storage.scale or 1)).round_().clamp_(0, 255).numpy().astype(np.uint8)
+
+
 def compact(scaled: torch.Tensor, storage: StorageInfo, first_row: int = 0) -> dict[str, np.ndarray]:
     """The stored form of ``z / T`` ``(n, P, C)`` float32 under ``storage``, for rows
     ``first_row ..`` of their split.
@@ -103,7 +112,7 @@ def compact(scaled: torch.Tensor, storage: StorageInfo, first_row: int = 0) -> d
         return {layout.SOFT: counts.numpy().astype(np.uint8), layout.SOFT_IDS: ids.numpy().astype(storage.id_dtype)}
     values, ids = logp.topk(int(storage.k or 0), dim=-1)
     rest = (1.0 - values.exp().sum(-1)).clamp_(min=0.0)
-    return {layout.SOFT: values.numpy().astype(storage.dtype), layout.SOFT_IDS: ids.numpy().astype(storage.id_dtype),
+    return {layout.SOFT: stored_logprobs(values, storage), layout.SOFT_IDS: ids.numpy().astype(storage.id_dtype),
             layout.SOFT_REST: rest.numpy()}
 
 
@@ -234,7 +243,7 @@ def topk_arrays(logits: torch.Tensor, temperature: float, storage: StorageInfo) 
         logp = top[:, :keep] / temperature - lse_t.unsqueeze(-1)
         rest = (1.0 - logp.exp().sum(-1)).clamp_(min=0.0)
         p2 = (top[:, :2] - lse1.unsqueeze(-1)).exp()
-        for key, value in ((layout.SOFT, logp.numpy().astype(storage.dtype)),
+        for key, value in ((layout.SOFT, stored_logprobs(logp, storage)),
                            (layout.SOFT_IDS, ids[:, :keep].numpy().astype(storage.id_dtype)),
                            (layout.SOFT_REST, rest.numpy()), ("stats/max_prob", p2[:, 0].numpy()),
                            ("stats/entropy", entropy.numpy()), ("stats/margin", (p2[:, 0] - p2[:, 1]).numpy()),
