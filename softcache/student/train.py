@@ -83,8 +83,9 @@ def train(
     caller's own code and runs as given.
 
     A compact cache (``topk:K`` or ``sample:N`` storage, of either row kind) is read as stored and
-    trains every student that learns from it at the cache's own temperature, its leftover treated
-    as each student's ``leftover`` says.
+    trains every student that learns from it at the cache's own temperature, or at another one
+    when the student names an approximation (``retemper``), its leftover treated as each
+    student's ``leftover`` says.
 
     Garbage never trains (``softcache.student._checks``): every refusal comes before any student
     takes a step. ``out_dir`` receives ``students/*.safetensors`` and ``leaderboard.parquet``
