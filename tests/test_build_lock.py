@@ -184,6 +184,30 @@ def test_entries_are_refreshed_until_the_cache_is_complete(tmp_path: Path, teach
     assert not Path(f"{out}{buildlock.LOCK_SUFFIX}").exists()
 
 
+def test_finalize_waits_for_a_refresh_caught_mid_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refresher that has read its entry and not yet written it back when the cache is
+    released: the release waits for it, so the removal never races the write (which left the
+    directory, or failed the removal with "Directory not empty")."""
+    import threading
+
+    url = str(tmp_path / "race.zarr")
+    inside, real_write = threading.Event(), buildlock._write_entry
+
+    def slow_write(fs, path, entry):  # type: ignore[no-untyped-def]
+        inside.set()
+        time.sleep(0.3)
+        real_write(fs, path, entry)
+
+    buildlock.register(url, role="test", exclusive=False, refresh_s=0.02, finished_since=lambda since: False)
+    monkeypatch.setattr(buildlock, "_write_entry", slow_write)
+    assert inside.wait(5)
+    buildlock.release_all(url)
+    assert not Path(f"{url}{buildlock.LOCK_SUFFIX}").exists()
+    time.sleep(0.1)
+    assert not any(isinstance(t, buildlock._Refresher) and t.path.startswith(url) and t.is_alive()
+                   for t in threading.enumerate())
+
+
 def test_two_overwrites_racing_never_both_proceed(tmp_path: Path, teacher_file: str,  # noqa: F811
                                                   live_process: int) -> None:
     """The second registrant sees the first even when both checked before either wrote."""

@@ -25,6 +25,7 @@ touching them.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -45,6 +46,7 @@ from softcache.errors import UsageError
 LOCK_SUFFIX = ".building"
 REFRESH_S = 15.0
 STALE_S = 120.0
+RELEASE_JOIN_S = 5.0  # how long finalize waits for this process's refreshers to stop
 MAX_ENTRY_BYTES = 4096
 
 
@@ -249,10 +251,21 @@ def release_all(url: str | Location) -> None:
     fs, directory = lock_dir(url)
     if directory is None:
         return
-    for thread in threading.enumerate():  # this process's refreshers of that cache stop without a request
-        if isinstance(thread, _Refresher) and thread.path.startswith(f"{directory.rstrip('/')}/"):
-            thread.stop.set()
-    try:
-        fs.rm(directory, recursive=True)
-    except (FileNotFoundError, NotADirectoryError):
-        pass
+    # this process's refreshers of that cache stop without a request, and are waited for: one
+    # caught between reading its entry and writing it back would otherwise put a file into the
+    # directory while it is being removed
+    refreshers = [t for t in threading.enumerate() if isinstance(t, _Refresher)
+                  and t.path.startswith(f"{directory.rstrip('/')}/") and t is not threading.current_thread()]
+    for thread in refreshers:
+        thread.stop.set()
+    for thread in refreshers:
+        thread.join(timeout=RELEASE_JOIN_S)
+    for attempt in range(3):  # another process's refresh may still land in a local directory being removed
+        try:
+            fs.rm(directory, recursive=True)
+            return
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except OSError as error:
+            if error.errno != errno.ENOTEMPTY or attempt == 2:
+                raise
