@@ -174,6 +174,10 @@ ModelFunction = Callable[[], Any]
 from Python, where a SPEC would need an importable name."""
 
 
+Retemper = Literal["refuse", "uniform-tail"]
+"""A compact cache at another temperature: refused, or a named approximation (``student.loss.Retemper``)."""
+
+
 class StudentConfig(_Model):
     """One student of a sweep: architecture SPEC (or, from Python, a model function) plus its own
     hyperparameters. A model function is not serialisable: dumped, it reads as its qualified
@@ -191,7 +195,7 @@ class StudentConfig(_Model):
     leftover: Literal["bucket", "label", "renormalize"] = Field(
         default="bucket", description="top-k caches: the leftover mass is one more 'other' class (bucket), goes to "
         "the true label (label), or is dropped and the kept mass rescaled (renormalize: biased, never a default)")
-    retemper: Literal["refuse", "uniform-tail"] = Field(
+    retemper: Retemper = Field(
         default="refuse", description="compact (top-k, sampled) caches at another temperature than the cache's: "
         "refused (refuse), or approximated with the leftover spread evenly over the classes not kept (uniform-tail; "
         "see softcache.student.loss.Retemper); full storage is rescaled exactly either way")
@@ -254,7 +258,7 @@ class StudentGrid(_Model):
     seed: list[int] = Field(default=[student_default("seed")], min_length=1)
     leftover: list[Literal["bucket", "label", "renormalize"]] = Field(default=[student_default("leftover")],
                                                                        min_length=1)
-    retemper: list[Literal["refuse", "uniform-tail"]] = Field(default=[student_default("retemper")], min_length=1)
+    retemper: list[Retemper] = Field(default=[student_default("retemper")], min_length=1)
 
     def expand(self) -> list[StudentConfig]:
         """The students in grid order (spec, T, alpha, lr, weight decay, label smoothing, seed,

@@ -119,6 +119,10 @@ means ``log p = -v * scale``, so 255 steps reach ``p = e^-15.9``, about 1.2e-7, 
 probability is off by at most 3.2% of itself. One scale for every cache of this version: a
 reader widens a batch without the manifest at hand, and a cache recording another is refused."""
 
+OPTIONAL_STORAGE_FIELDS = ("seed", "sampler", "scale")
+"""Storage fields only some modes have (sampled storage, uint8 top-k values): left out of the
+manifest and the cache key where absent, so caches written before they existed keep both."""
+
 
 class StorageInfo(_Model):
     """How soft labels are stored.
@@ -165,8 +169,7 @@ class StorageInfo(_Model):
         if self.mode == "topk" and (self.k is None or self.id_dtype is None or self.values != "logprobs"
                                     or self.k >= classes or not (floats or self.dtype == "uint8")):
             return "topk storage needs k < classes, an id_dtype and float or uint8 values 'logprobs'"
-        if (self.scale is not None or (self.mode == "topk" and self.dtype == "uint8")) and \
-                not (self.mode == "topk" and self.dtype == "uint8" and self.scale == LOGPROB_STEP):
+        if self.scale != (LOGPROB_STEP if self.mode == "topk" and self.dtype == "uint8" else None):
             return f"uint8 top-k values need scale {LOGPROB_STEP} (nats per step), and only they have a scale"
         if self.mode == "sample" and (self.k is None or self.k > SAMPLE_MAX_DRAWS or self.id_dtype is None
                                       or self.values != "counts" or self.dtype != "uint8" or self.seed is None):
@@ -313,7 +316,7 @@ class Manifest(_Model):
         # fields at their defaults that a version-1 reader does not know are left out, so a
         # version-1 cache stays byte-for-byte what 0.1 wrote and reads
         data = self.model_dump(mode="json")
-        for key in ("seed", "sampler", "scale"):  # only sampled storage, or uint8 top-k values, have them
+        for key in OPTIONAL_STORAGE_FIELDS:
             if getattr(self.storage, key) is None:
                 data["storage"].pop(key, None)
         if self.schema_version < 2:
@@ -381,7 +384,7 @@ def _unkeyed(storage: StorageInfo, version: int) -> set[str] | None:
     """Storage fields left out of the key: those a cache of ``version`` does not record (so keys
     computed before a field existed stay as they were)."""
     left = ({"id_dtype", "values"} if version < 2 else set()) | \
-        {key for key in ("seed", "sampler", "scale") if getattr(storage, key) is None}
+        {key for key in OPTIONAL_STORAGE_FIELDS if getattr(storage, key) is None}
     return left or None
 
 

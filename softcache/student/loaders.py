@@ -100,12 +100,13 @@ class MemoryLoader:
         order = host.to(self.device)
         views = self.soft.shape[1] if self.soft is not None else 1
         for start in range(0, n, self.batch_size):
-            rows = order[start : start + self.batch_size][self.rank :: self.world_size]
+            mine = slice(start, start + self.batch_size)
+            rows = order[mine][self.rank :: self.world_size]
             view = views_of(rows, epoch, views) if views > 1 else None
             soft = None
             if self.soft is not None:  # gathered where the soft labels are held, then widened on the device
-                at = host[start : start + self.batch_size][self.rank :: self.world_size] if self.host else rows
-                at_view = views_of(at, epoch, views) if views > 1 else None
+                at = host[mine][self.rank :: self.world_size] if self.host else rows
+                at_view = views_of(at, epoch, views) if self.host and views > 1 else view
                 soft = stored_soft(*(_pick(a, at, at_view) for a in (self.soft, self.ids, self.rest)),  # type: ignore[arg-type]
                                    self.device)
             if self.replay is not None:

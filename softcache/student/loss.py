@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from softcache import config
 from softcache.student._batch import Soft, TopK
 
 Leftover = Literal["bucket", "label", "renormalize"]
@@ -38,7 +39,7 @@ Leftover = Literal["bucket", "label", "renormalize"]
 """
 
 
-Retemper = Literal["refuse", "uniform-tail"]
+Retemper = config.Retemper
 """What a student asking for another temperature than a compact cache's does. Full storage keeps
 ``z / T_cache`` and is rescaled exactly (:func:`rescale`); a compact cache cannot be:
 
