@@ -32,6 +32,24 @@ def test_alternate_interleaves_and_reverses_the_order_each_round():
     assert ratio({"a": [2.0, 9.0, 3.0], "b": [1.0, 3.0, 3.0]}, "a", "b") == 2.0  # median of per-round ratios
 
 
+def test_balanced_rounds_mirror_the_order_and_cancel_a_linear_drift():
+    calls: list[str] = []
+    clock = [0.0]
+
+    def drifting(name: str, work: float):
+        def go() -> float:  # the machine slows down by 10% per run: later runs take longer
+            calls.append(name)
+            clock[0] += 1
+            return work * (1 + 0.1 * clock[0])
+        return go
+
+    times = alternate({"a": drifting("a", 2.0), "b": drifting("b", 1.0)}, repeats=2, warmup=0, balanced=True)
+    assert calls == ["a", "b", "b", "a", "b", "a", "a", "b"]
+    assert ratio(times, "a", "b") == pytest.approx(2.0)  # both runs of a round sit at its middle on average
+    plain = alternate({"a": drifting("a", 2.0), "b": drifting("b", 1.0)}, repeats=2, warmup=0)
+    assert ratio(plain, "a", "b") != pytest.approx(2.0)  # adjacent single runs see the drift
+
+
 TOY_LM = LMSettings(rows=32, steps=2, stream_rows=(16, 48), repeats=1, vocab=64, length=8, teacher_layers=1,
                     teacher_width=16, student_layers=1, student_width=8, k=4, batch_size=16, stream_chunk_rows=8)
 

@@ -5,7 +5,8 @@ tokens or the weights) of 64 positions over a vocabulary of 8,192; a teacher
 ``softcache.models:gpt`` of 4 layers, 256 wide, and a student of 2 layers, 128 wide (random
 weights); storage ``topk:64``; 32 rows per teacher call and per student step; one torch thread, as
 in :mod:`softcache._bench.wide` (the build's writer thread then has the second core). Every ratio
-is the median of per-round ratios of alternated runs (:mod:`softcache._bench.timing`).
+is the median of per-round ratios of alternated runs (:mod:`softcache._bench.timing`); the
+build's, whose runs last tens of seconds, of balanced rounds (A B B A).
 
 - ``lm_write_overhead``: the whole public ``softcache.build()`` (manifest, teacher, top-k and
   statistics in the writer thread, chunk writes, finalize) over the token rows / a hand-written
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from softcache._bench.memory import current_rss_mb, rss_peak
-from softcache._bench.timing import alternate, median, ratio, timer
+from softcache._bench.timing import alternate, balanced_rounds, median, ratio, timer
 from softcache._bench.wide import one_thread
 from softcache._bench.workload import LMSettings
 from softcache.cache.shards import finalize
@@ -220,7 +221,8 @@ def measure_lm(s: LMSettings, workdir: Path) -> dict[str, Any]:
         first = one_batch(w)
         stage1 = alternate({"build": lambda: whole_build(w), "teacher": lambda: teacher_alone(w),
                             "build_one": lambda: whole_build(w, first, "lm-build-one.zarr"),
-                            "teacher_one": lambda: teacher_alone(w, first)}, s.repeats)
+                            "teacher_one": lambda: teacher_alone(w, first)},
+                           balanced_rounds(s.repeats), balanced=True)
         cache = open_cache(str(workdir / "lm-build.zarr"))
         began = timer()
         finalize(cache.url)  # reads every chunk back: an upper bound of the build's own finalize

@@ -6,7 +6,8 @@ parameter students); this section measures what a user pays through ``softcache.
 (:func:`hand_written`): an in-RAM fp16 tensor of the same cached logits, the same loss, Adam,
 batch 256. Setup: random inputs of 256 features; a teacher MLP 256-2048-2048-1000 (random
 weights: timings do not depend on them); student MLP 256-256-1000; one torch thread. Every
-ratio is the median of per-round ratios of alternated runs (:mod:`softcache._bench.timing`).
+ratio is the median of per-round ratios of balanced rounds (A B B A: the mean of each run's two times,
+so a drift of the machine's speed within a round cancels; :mod:`softcache._bench.timing`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from softcache._bench.timing import alternate, median, ratio, timer
+from softcache._bench.timing import alternate, balanced_rounds, median, ratio, timer
 from softcache._bench.workload import WideSettings, students
 from softcache.cache.store import Cache
 from softcache.config import StudentConfig, TrainConfig
@@ -118,28 +119,29 @@ def measure_wide(s: WideSettings, workdir: Path) -> dict[str, Any]:
     with one_thread():
         w = make_wide(s, workdir)
         cfg = StudentConfig(spec=s.student_spec())
+        rounds = balanced_rounds(s.repeats)
         parts: list[dict[str, float]] = []
         single = alternate({
             "memory": lambda: softcache_train(w, [cfg], s.epochs, "memory", parts),
             "stream": lambda: softcache_train(w, [cfg], s.epochs, "stream"),
             "hand": lambda: hand_written(w, cfg, s.epochs),
-        }, s.repeats)
-        first, parts = parts[0], parts[-s.repeats :]  # the warm-up call (the process's first), the timed ones
+        }, rounds, balanced=True)
+        first, parts = parts[0], parts[-2 * rounds :]  # the warm-up call (the process's first), the timed ones
         sweep = students(s.students, s.student_spec())
         group = alternate({
             "grouped": lambda: softcache_train(w, sweep, s.group_epochs, "memory"),
             "separate": lambda: sum(hand_written(w, c, s.group_epochs) for c in sweep),
-        }, s.repeats)
+        }, rounds, balanced=True)
         online = alternate({
             "cached": lambda: softcache_train(w, [cfg], 1, "memory"),
             "online": lambda: hand_written(w, cfg, 1, teacher=w.teacher),
             "teacher": lambda: teacher_alone(w, len(w.dataset.inputs)),
-        }, s.repeats)
+        }, rounds, balanced=True)
         stage1 = alternate({
             "build": lambda: whole_build(w, s.build_rows), "teacher": lambda: teacher_alone(w, s.build_rows),
             "build_one_batch": lambda: whole_build(w, s.batch_size),
             "teacher_one_batch": lambda: teacher_alone(w, s.batch_size),
-        }, s.repeats)
+        }, rounds, balanced=True)
     ideal = median([(c + t) / c for c, t in zip(online["cached"], online["teacher"])])
     online_ratio = ratio(online, "online", "cached")
     # what a build costs beyond its teacher whatever its size (store, digests, finalize), from a
@@ -151,7 +153,8 @@ def measure_wide(s: WideSettings, workdir: Path) -> dict[str, Any]:
         "train_stream_vs_hand_written": ratio(single, "stream", "hand"),
         "train_seconds_by_part": {k: median([p[k] for p in parts]) for k in parts[0]} if parts else {},
         # the epochs alone (train()'s own ``train`` seconds) against the hand-written loop: per-step overhead
-        "train_loop_vs_hand_written": median([p["train"] / h for p, h in zip(parts, single["hand"])]) if parts else 0.0,
+        "train_loop_vs_hand_written": median([(p["train"] + q["train"]) / 2 / h for p, q, h in
+                                              zip(parts[::2], parts[1::2], single["hand"])]) if parts else 0.0,
         # what the process's first train() of this student paid on top (choosing stacked or one by one,
         # softcache.student._choice; later calls reuse the choice)
         "train_first_call_extra_seconds": first["train"] - median([p["train"] for p in parts]) if parts else 0.0,
