@@ -17,6 +17,8 @@ combination of lists of its fields, for the CLI and pipeline sweeps) and :class:
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable, Mapping
 from itertools import product
 from typing import Annotated, Any, Literal, TypeVar, Union
@@ -26,6 +28,25 @@ from pydantic.json_schema import SkipJsonSchema
 
 from softcache.cache.manifest import SAMPLE_MAX_DRAWS, Spec
 from softcache.errors import UsageError, first_validation_error
+
+DIST_TIMEOUT_ENV = "SOFTCACHE_DIST_TIMEOUT"
+DEFAULT_DIST_TIMEOUT_S = 1800.0
+
+
+def dist_timeout_s() -> float:
+    """Seconds a torchrun collective waits for the other ranks, in a build and in training alike:
+    ``$SOFTCACHE_DIST_TIMEOUT``, else 30 minutes (ranks wait on each other's shards and epochs,
+    which can be long; a hang should still end in an error rather than forever)."""
+    raw = os.environ.get(DIST_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_DIST_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise UsageError(f"${DIST_TIMEOUT_ENV}={raw!r} is not a positive number of seconds")
+    return value
 
 TEMPERATURE = 4.0
 """The default temperature, of a cache and of a student's distillation alike."""

@@ -222,3 +222,27 @@ def test_the_report_prints_a_row_per_mode_and_the_targets(run):
             assert f"  {mode} " in report
     assert "targets:" in report and "lm sample mode at <= 40 bytes per token (sample:12)" in report
     assert "language model: V=300" in report and "digits: teacher test accuracy" in report
+
+
+def test_seeds_and_workload_choose_what_the_comparison_runs(tmp_path: Path):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["--quiet", "bench", "--storage-modes", "--quick", "--workload", "digits", "--seeds", "3",
+                     "--workdir", str(tmp_path), "--json"])
+    assert code == 0
+    result = json.loads(out.getvalue())
+    assert "lm" not in result and result["settings"]["seeds"] == [0, 1, 2]
+    assert result["command"].endswith("--seeds 3 --workload digits --storage-modes")
+    for mode in result["digits"]["modes"].values():
+        assert all(st["seeds"] == 3 for st in mode["students"].values())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--seeds", "5"], "add --storage-modes"),
+    (["bench", "--workload", "lm"], "add --storage-modes"),
+    (["bench", "--storage-modes", "--seeds", "1"], "at least 2 seeds"),
+])
+def test_storage_mode_options_alone_or_too_few_seeds_are_one_line(argv, message, capsys):
+    assert main(argv) != 0
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err

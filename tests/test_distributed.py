@@ -236,3 +236,26 @@ def test_memory_loader_ranks_split_every_batch_of_one_process() -> None:
 
 if __name__ == "__main__":
     worker(sys.argv[1], sys.argv[2], Path(sys.argv[3]))
+
+
+@pytest.mark.parametrize("raw, expected", [("", 1800.0), ("  ", 1800.0), ("90", 90.0), ("2.5", 2.5)])
+def test_the_collective_timeout_comes_from_one_variable(monkeypatch: pytest.MonkeyPatch, raw: str,
+                                                        expected: float) -> None:
+    from softcache.config import DIST_TIMEOUT_ENV, dist_timeout_s
+    from softcache.teacher.workers import WorkerGroup
+    from softcache.cache.shards import ShardSpec
+
+    monkeypatch.setenv(DIST_TIMEOUT_ENV, raw)
+    assert dist_timeout_s() == expected
+    assert WorkerGroup(ShardSpec(0, 1, "single")).timeout_s == expected  # a build's ranks wait as long
+
+
+@pytest.mark.parametrize("raw", ["soon", "0", "-5", "inf", "nan"])
+def test_a_bad_collective_timeout_is_one_line(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
+    from softcache.config import DIST_TIMEOUT_ENV, dist_timeout_s
+    from softcache.errors import UsageError
+
+    monkeypatch.setenv(DIST_TIMEOUT_ENV, raw)
+    with pytest.raises(UsageError, match="SOFTCACHE_DIST_TIMEOUT") as info:
+        dist_timeout_s()
+    assert "\n" not in str(info.value)

@@ -352,8 +352,10 @@ def run_storage_bench(settings: StorageSettings | None = None, workdir: str | Pa
     root.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"command": command, "machine": machine(), "settings": s.__dict__}
     try:
-        result["digits"] = measure_task(digits_task(s, root, say), s.digits_modes, s, say)
-        result["lm"] = measure_task(lm_task(s, root, say), s.lm_modes, s, say)
+        if "digits" in s.workloads:
+            result["digits"] = measure_task(digits_task(s, root, say), s.digits_modes, s, say)
+        if "lm" in s.workloads:
+            result["lm"] = measure_task(lm_task(s, root, say), s.lm_modes, s, say)
     finally:
         if owned:
             shutil.rmtree(root, ignore_errors=True)

@@ -92,6 +92,7 @@ class StorageSettings:
     lm_modes: tuple[str, ...] = ("full", "topk:16", "topk:64", "sample:50", "sample:12")
     digits_modes: tuple[str, ...] = ("full", "topk:3", "topk:5", "sample:12", "sample:50")
     seeds: tuple[int, ...] = (0, 1, 2)
+    workloads: tuple[str, ...] = ("digits", "lm")  # which of the two comparisons run
     lm_rows: int | None = None  # token rows the language-model students train on (the demo's budget)
     lm_eval_rows: int | None = None  # held-out rows the students and the teacher are scored on (all)
     digits_epochs: int | None = None  # of the digits students (the demo's)

@@ -211,12 +211,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     log = None if args.quiet or args.json else (lambda msg: print(f"softcache: bench: {msg}", file=sys.stderr, flush=True))
     command = "softcache bench" + " --quick" * args.quick + (f" --threads {args.threads}" if args.threads else "")
+    if not args.storage_modes and (args.seeds is not None or args.workload):
+        raise UsageError("--seeds and --workload choose what --storage-modes measures; add --storage-modes")
     if args.storage_modes:
+        import dataclasses
+
         from softcache._bench.storage import run_storage_bench
         from softcache._bench.workload import StorageSettings
 
-        result = run_storage_bench(StorageSettings.preset(args.quick), workdir=args.workdir, log=log,
-                                   command=command + " --storage-modes")
+        settings = StorageSettings.preset(args.quick)
+        if args.seeds is not None:
+            if args.seeds < 2:
+                raise UsageError(f"--seeds {args.seeds}: the seed noise needs at least 2 seeds per mode")
+            settings = dataclasses.replace(settings, seeds=tuple(range(args.seeds)))
+            command += f" --seeds {args.seeds}"
+        if args.workload:
+            settings = dataclasses.replace(settings, workloads=tuple(dict.fromkeys(args.workload)))
+            command += "".join(f" --workload {w}" for w in settings.workloads)
+        result = run_storage_bench(settings, workdir=args.workdir, log=log, command=command + " --storage-modes")
         emit(result, args.json, fmt.format_storage(result))
         return 0
     result = run_bench(quick=args.quick, workdir=args.workdir, log=log, command=command)

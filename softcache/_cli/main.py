@@ -269,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "bytes per token, gradient angle to full distillation, students' held-out scores over seeds, "
                         "step cost (about 20 CPU minutes; with --quick seconds at toy sizes; a --workdir of "
                         "softcache demo --lm reuses its teacher)")
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="with --storage-modes: train each mode's students with seeds 0..N-1 (default 3)")
+    p.add_argument("--workload", choices=["digits", "lm"], action="append", default=None,
+                   help="with --storage-modes: only this comparison (repeatable; default both)")
     p.set_defaults(handler=commands.cmd_bench)
 
     _cache_parsers(sub, common)

@@ -40,14 +40,11 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from softcache.config import dist_timeout_s
 from softcache.errors import CacheError, SoftcacheError, UsageError
 from softcache.student._batch import Batch, distributed_rank
 
 T = TypeVar("T")
-
-DIST_TIMEOUT_ENV = "SOFTCACHE_DIST_TIMEOUT"
-"""Seconds a collective waits for the other ranks (the variable a sharded build reads too)."""
-DEFAULT_DIST_TIMEOUT_S = 1800.0
 
 _GROUPS = itertools.count()
 """Process groups this process has made: every rank makes them in the same order (one per
@@ -89,7 +86,7 @@ def process_group(device: torch.device) -> Iterator[torch.device]:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        timeout = timedelta(seconds=float(os.environ.get(DIST_TIMEOUT_ENV) or DEFAULT_DIST_TIMEOUT_S))
+        timeout = timedelta(seconds=dist_timeout_s())
         store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
         store.set_timeout(timeout)
         # a fresh key space per group: torch names every new default group alike, and a second

@@ -7,19 +7,16 @@ stage: the cache format and its I/O never import torch.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from datetime import timedelta
 from types import TracebackType
 from typing import TypeVar
 
 from softcache.cache.shards import ShardSpec
+from softcache.config import dist_timeout_s
 from softcache.errors import CacheError, SoftcacheError, UsageError
 
 T = TypeVar("T")
-
-DIST_TIMEOUT_ENV = "SOFTCACHE_DIST_TIMEOUT"
-DEFAULT_DIST_TIMEOUT_S = 1800.0
 
 
 class WorkerGroup:
@@ -33,7 +30,7 @@ class WorkerGroup:
     def __init__(self, shard: ShardSpec, timeout_s: float | None = None):
         self.shard = shard
         self.active = shard.source == "torchrun"
-        self.timeout_s = timeout_s or float(os.environ.get(DIST_TIMEOUT_ENV, DEFAULT_DIST_TIMEOUT_S))
+        self.timeout_s = timeout_s or dist_timeout_s()
         self._owner = False
 
     def __enter__(self) -> WorkerGroup:
