@@ -259,3 +259,14 @@ def test_a_bad_collective_timeout_is_one_line(monkeypatch: pytest.MonkeyPatch, r
     with pytest.raises(UsageError, match="SOFTCACHE_DIST_TIMEOUT") as info:
         dist_timeout_s()
     assert "\n" not in str(info.value)
+
+
+def test_a_build_without_torchrun_never_reads_the_collective_timeout(monkeypatch: pytest.MonkeyPatch,
+                                                                     tmp_path: Path) -> None:
+    from softcache.config import DIST_TIMEOUT_ENV
+    from softcache.models import mlp
+
+    monkeypatch.setenv(DIST_TIMEOUT_ENV, "soon")  # wrong, but only torchrun ranks wait on each other
+    cache = softcache.build(mlp(hidden=8), "softcache.digits:load,split=train", str(tmp_path / "c.zarr"),
+                            progress=False)
+    assert cache.complete

@@ -30,8 +30,14 @@ class WorkerGroup:
     def __init__(self, shard: ShardSpec, timeout_s: float | None = None):
         self.shard = shard
         self.active = shard.source == "torchrun"
-        self.timeout_s = timeout_s or dist_timeout_s()
+        self._timeout_s = timeout_s
         self._owner = False
+
+    @property
+    def timeout_s(self) -> float:
+        """How long a collective waits: the one given, else ``$SOFTCACHE_DIST_TIMEOUT``, read only
+        when asked (a build without torchrun never is, so a bad value cannot stop it)."""
+        return self._timeout_s or dist_timeout_s()
 
     def __enter__(self) -> WorkerGroup:
         if self.active:
