@@ -35,20 +35,6 @@ from softcache.errors import CacheError
 from softcache.weights import output_logits
 
 
-def teacher_stats(logits: torch.Tensor) -> dict[str, np.ndarray]:
-    """Confidence statistics at T=1 (the teacher's own calibration), computed in float32."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    p = logp.exp()
-    top2 = p.topk(min(2, p.shape[-1]), dim=-1).values
-    margin = top2[..., 0] - top2[..., 1] if top2.shape[-1] > 1 else top2[..., 0]
-    return {
-        "stats/max_prob": top2[..., 0].numpy(),
-        "stats/entropy": (-(p * logp).nan_to_num().sum(-1)).numpy(),
-        "stats/margin": margin.numpy(),
-        "stats/prediction": p.argmax(-1).to(torch.int32).numpy(),
-    }
-
-
 def check_finite(logits: torch.Tensor, first_row: int) -> None:
     bad = (~torch.isfinite(logits)).flatten(1).any(dim=1).nonzero().flatten()
     if len(bad):
@@ -182,7 +168,7 @@ def distinct_counts(picks: torch.Tensor, slots: int) -> tuple[torch.Tensor, torc
 
 
 SLICE_BYTES = 512 << 10
-"""Float32 logits :func:`topk_arrays` works on at once. Whole-block temporaries (64 MiB for 32
+"""Float32 logits :func:`row_arrays` works on at once. Whole-block temporaries (64 MiB for 32
 rows of 64 positions at 8k tokens) would be fresh memory maps, page-faulted in on every block and
 costing as much as the arithmetic; slices are reused from the heap, and at this size a slice's
 several passes (maximum, exponentials, sums) read it from the core's cache rather than from
@@ -217,41 +203,43 @@ def top_classes(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return values, members.gather(1, at)
 
 
-def topk_arrays(logits: torch.Tensor, temperature: float, storage: StorageInfo) -> dict[str, np.ndarray]:
-    """Top-k storage and the statistics at T=1 of ``(m, C)`` raw logits, from one top-k and two
-    log-sum-exps per row, slice by slice.
+def row_arrays(logits: torch.Tensor, temperature: float, storage: StorageInfo) -> dict[str, np.ndarray]:
+    """The statistics at T=1 of ``(m, C)`` raw logits and, under top-k storage, the stored top-k,
+    from one top-k and one or two log-sum-exps per row, slice by slice (the writer thread's main
+    work, beside the teacher: one pass of exponentials instead of a log-softmax and its exp).
 
     The kept classes are the top ``k`` of ``z`` (the same as of ``z / T``); their
     log-probabilities at T are ``z_k / T - lse(z / T)`` and the leftover is one minus their sum.
     Maximum probability, margin and prediction come from the same top-k (:func:`top_classes`);
-    the entropy at T=1 is ``lse(z) - <softmax(z), z>``. The values agree with :func:`compact` and :func:`teacher_stats`
-    to float32 rounding (a tie between two classes may be kept in the other order)."""
-    k = max(2, int(storage.k or 0))
+    the entropy at T=1 is ``lse(z) - <softmax(z), z>``. The values agree with :func:`compact` and
+    a log-softmax to float32 rounding (a tie between two classes may be kept in the other order)."""
+    keep = int(storage.k or 0) if storage.mode == "topk" else 0
     m, classes = logits.shape
     step = max(1, SLICE_BYTES // (4 * classes))
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, m, step):
         z = logits[start : start + step]
-        top, ids = top_classes(z, min(k, classes))
+        top, ids = top_classes(z, min(max(2, keep), classes))
         peak = top[:, :1]
         shifted = z - peak
         e = shifted.exp()
         total = e.sum(-1)
         lse1 = peak.squeeze(-1) + total.log()
-        entropy = lse1 - torch.linalg.vecdot(e, z) / total
-        if temperature == 1.0:  # the usual temperature of next-token distillation: no second pass
-            lse_t = lse1
-        else:
-            lse_t = peak.squeeze(-1) / temperature + shifted.mul_(1 / temperature).exp_().sum(-1).log()
-        keep = int(storage.k or 0)
-        logp = top[:, :keep] / temperature - lse_t.unsqueeze(-1)
-        rest = (1.0 - logp.exp().sum(-1)).clamp_(min=0.0)
         p2 = (top[:, :2] - lse1.unsqueeze(-1)).exp()
-        for key, value in ((layout.SOFT, stored_logprobs(logp, storage)),
-                           (layout.SOFT_IDS, ids[:, :keep].numpy().astype(storage.id_dtype)),
-                           (layout.SOFT_REST, rest.numpy()), ("stats/max_prob", p2[:, 0].numpy()),
-                           ("stats/entropy", entropy.numpy()), ("stats/margin", (p2[:, 0] - p2[:, 1]).numpy()),
-                           ("stats/prediction", ids[:, 0].to(torch.int32).numpy())):
+        out = {"stats/max_prob": p2[:, 0].numpy(),
+               "stats/entropy": (lse1 - torch.linalg.vecdot(e, z) / total).numpy(),
+               "stats/margin": (p2[:, 0] - p2[:, 1] if classes > 1 else p2[:, 0]).numpy(),
+               "stats/prediction": ids[:, 0].to(torch.int32).numpy()}
+        if keep:
+            if temperature == 1.0:  # the usual temperature of next-token distillation: no second pass
+                lse_t = lse1
+            else:
+                lse_t = peak.squeeze(-1) / temperature + shifted.mul_(1 / temperature).exp_().sum(-1).log()
+            logp = top[:, :keep] / temperature - lse_t.unsqueeze(-1)
+            out |= {layout.SOFT: stored_logprobs(logp, storage),
+                    layout.SOFT_IDS: ids[:, :keep].numpy().astype(storage.id_dtype),
+                    layout.SOFT_REST: (1.0 - logp.exp().sum(-1)).clamp_(min=0.0).numpy()}
+        for key, value in out.items():
             parts.setdefault(key, []).append(value)
     return {key: np.concatenate(values) for key, values in parts.items()}
 
@@ -266,12 +254,10 @@ def block_arrays(logits: torch.Tensor, block: RowBlock, first_row: int, temperat
     storage = storage or StorageInfo(dtype=dtype)  # type: ignore[arg-type]
     if not bool(logits.sum().isfinite()):  # NaN and infinities reach the sum; the exact scan names the rows
         check_finite(logits.reshape(n, -1), first_row)
-    if storage.mode == "topk":
-        out = {k: a.reshape(n, v, *a.shape[1:]) for k, a in topk_arrays(logits.reshape(n * v, -1), temperature,
-                                                                          storage).items()}
-    else:
-        out = compact(logits / temperature, storage, first_row)
-        out.update({k: a.reshape(n, v) for k, a in teacher_stats(logits.reshape(n * v, -1)).items()})
+    out = {k: a.reshape(n, v, *a.shape[1:]) for k, a in row_arrays(logits.reshape(n * v, -1), temperature,
+                                                                    storage).items()}
+    if storage.mode != "topk":
+        out |= compact(logits / temperature, storage, first_row)
     out[layout.INDEX] = block.sample_index.astype(np.int64)
     if block.labels is not None:
         out[layout.LABELS] = block.labels.to(torch.int64).numpy()
