@@ -219,10 +219,11 @@ def measure_lm(s: LMSettings, workdir: Path) -> dict[str, Any]:
     with one_thread():
         w = make_lm(s, workdir)
         first = one_batch(w)
-        stage1 = alternate({"build": lambda: whole_build(w), "teacher": lambda: teacher_alone(w),
-                            "build_one": lambda: whole_build(w, first, "lm-build-one.zarr"),
-                            "teacher_one": lambda: teacher_alone(w, first)},
-                           balanced_rounds(s.repeats), balanced=True)
+        one = {"build_one": lambda: whole_build(w, first, "lm-build-one.zarr"), "teacher_one": lambda: teacher_alone(w, first)}
+        for warm in one.values():  # the warm-up: a one-batch build passes through every path a full one does
+            warm()
+        stage1 = alternate({"build": lambda: whole_build(w), "teacher": lambda: teacher_alone(w), **one},
+                           balanced_rounds(s.repeats), warmup=0, balanced=True)
         cache = open_cache(str(workdir / "lm-build.zarr"))
         began = timer()
         finalize(cache.url)  # reads every chunk back: an upper bound of the build's own finalize

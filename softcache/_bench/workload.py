@@ -43,7 +43,9 @@ class WideSettings:
     def preset(quick: bool) -> WideSettings:
         # the full run labels as many rows as it trains on (the size the targets are stated at); the
         # quick one 1/16 as many, where the build's fixed part weighs more (reported beside it)
-        return WideSettings(rows=4096, build_rows=4096) if quick else WideSettings(rows=65536, build_rows=65536)
+        # quick: one balanced round (A B B A) per comparison, so that ``--quick`` stays near two minutes
+        return WideSettings(rows=4096, build_rows=4096, repeats=2) if quick else \
+            WideSettings(rows=65536, build_rows=65536)
 
     def student_spec(self) -> str:
         return f"softcache.models:mlp,hidden={self.student_hidden},in_features={self.features},num_classes={self.classes}"
@@ -71,7 +73,7 @@ class LMSettings:
 
     @staticmethod
     def preset(quick: bool) -> LMSettings:
-        return LMSettings(rows=256, steps=2, stream_rows=(16, 48)) if quick else \
+        return LMSettings(rows=256, steps=2, stream_rows=(16, 48), repeats=2) if quick else \
             LMSettings(rows=2048, steps=8, stream_rows=(64, 512), repeats=5)
 
     def model_spec(self, layers: int, width: int) -> str:
@@ -130,7 +132,7 @@ class BenchSettings:
     @staticmethod
     def preset(quick: bool) -> BenchSettings:
         if quick:
-            return BenchSettings(rows=8192, chunk_rows=2048, batch_size=64, epochs=5, repeats=5, students=8,
+            return BenchSettings(rows=8192, chunk_rows=2048, batch_size=64, epochs=5, repeats=3, students=8,
                                  sample_rows=2048, wide_rows=16384, wide=WideSettings.preset(True),
                                  lm=LMSettings.preset(True))
         return BenchSettings(rows=32768, chunk_rows=4096, batch_size=64, epochs=5, repeats=7, students=8,
