@@ -66,8 +66,11 @@ class RowBuffer:
 
     def piece(self, start: int, stop: int) -> Piece:
         """Served rows ``start:stop`` (positions in the shuffled order), gathered."""
-        sel: slice | torch.Tensor = slice(start, stop) if self.order is None else self.order[start:stop]
-        return Piece(self.rows[sel], {name: values[sel] for name, values in self.arrays.items()})
+        if self.order is None:
+            return Piece(self.rows[start:stop], {name: values[start:stop] for name, values in self.arrays.items()})
+        sel = self.order[start:stop]  # index_select: a third of tensor indexing's per-call cost at small batches
+        return Piece(self.rows.index_select(0, sel),
+                     {name: values.index_select(0, sel) for name, values in self.arrays.items()})
 
 
 @dataclass

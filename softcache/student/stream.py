@@ -318,9 +318,9 @@ class StreamLoader:
             buf = next(stream)
             if buf.epoch != epoch:
                 raise RuntimeError(f"stream out of step: expected epoch {epoch}, got {buf.epoch}")
-            at = 0
-            while at < len(buf):
-                take = min(size - carried, len(buf) - at)
+            at, length = 0, len(buf)
+            while at < length:
+                take = min(size - carried, length - at)
                 carry.append(buf.piece(at, at + take))
                 carried += take
                 at += take
@@ -344,8 +344,8 @@ class StreamLoader:
             view = views_of(rows, epoch, self.views) if self.views > 1 else torch.zeros_like(rows)
             inputs = self.replay(rows, view)
         elif self.inputs is not None:
-            inputs = self.inputs[rows]
+            inputs = self.inputs.index_select(0, rows)
         else:
             inputs = arrays[layout.INPUTS].to(self.device)
         soft = stored_soft(arrays[layout.SOFT], arrays.get(layout.SOFT_IDS), arrays.get(layout.SOFT_REST), self.device)
-        return Batch(rows=rows, inputs=inputs, soft=soft, labels=self.labels[rows])  # type: ignore[index]
+        return Batch(rows=rows, inputs=inputs, soft=soft, labels=self.labels.index_select(0, rows))  # type: ignore[union-attr]

@@ -213,10 +213,13 @@ def write_split(
         for block in blocks:
             logits = teacher_logits(teacher, block, device)
             # everything after the teacher runs in the writer thread, beside the next teacher call
-            writer.append(Deferred(len(block.inputs), functools.partial(
-                stored_arrays, logits, block, row, manifest, store_inputs)))
-            row += len(block.inputs)
-            progress.update(len(block.inputs))
+            rows_in = len(block.inputs)
+            writer.append(Deferred(rows_in, functools.partial(stored_arrays, logits, block, row, manifest, store_inputs)))
+            # the writer holds the last reference: it frees the logits (a munmap of tens of MB for
+            # token rows) beside the teacher's next call instead of this loop between two calls
+            del logits, block
+            row += rows_in
+            progress.update(rows_in)
     except BaseException:
         writer.abort()
         raise
