@@ -73,7 +73,7 @@ class LMSettings:
 
     @staticmethod
     def preset(quick: bool) -> LMSettings:
-        return LMSettings(rows=256, steps=2, stream_rows=(16, 48), repeats=2) if quick else \
+        return LMSettings(rows=128, steps=2, stream_rows=(16, 48), repeats=2) if quick else \
             LMSettings(rows=2048, steps=8, stream_rows=(64, 512), repeats=5)
 
     def model_spec(self, layers: int, width: int) -> str:
