@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from softcache.cache import layout, store
+from softcache.cache.manifest import StorageInfo
 from softcache.cache.store import Cache, open_cache
 from softcache.data import LabelledTensors
 from softcache.errors import CacheError
@@ -66,18 +67,15 @@ def _reference_label_block(teacher: nn.Module, block: label.RowBlock, first_row:
     n, v = views.shape[:2]
     logits = teacher(views.reshape(n * v, *views.shape[2:])).float().cpu()
     label.check_finite(logits.reshape(n, -1), first_row)
+    # the statistics through the library's one function for them (checked against a plain
+    # log-softmax in tests/test_sequence_cache.py): here only where the labelling runs is tested
+    stats = label.row_arrays(logits, temperature, StorageInfo(dtype=dtype))  # type: ignore[arg-type]
     logits = logits.reshape(n, v, -1)
-    logp = torch.log_softmax(logits.reshape(n * v, -1).float(), dim=-1)
-    p = logp.exp()
-    top2 = p.topk(2, dim=-1).values
     out = {
         layout.SOFT: (logits / temperature).numpy().astype(dtype),
         layout.INDEX: block.sample_index.astype(np.int64),
         layout.LABELS: block.labels.to(torch.int64).numpy(),
-        "stats/max_prob": top2[..., 0].numpy().reshape(n, v),
-        "stats/entropy": (-(p * logp).nan_to_num().sum(-1)).numpy().reshape(n, v),
-        "stats/margin": (top2[..., 0] - top2[..., 1]).numpy().reshape(n, v),
-        "stats/prediction": p.argmax(-1).to(torch.int32).numpy().reshape(n, v),
+        **{name: values.reshape(n, v) for name, values in stats.items()},
     }
     if block.view_params is not None:
         out[layout.VIEW_PARAMS] = block.view_params.astype(np.float32)
