@@ -234,10 +234,6 @@ def test_memory_loader_ranks_split_every_batch_of_one_process() -> None:
             assert torch.equal(batches[1][i].inputs, inputs[whole.rows[1::3]])
 
 
-if __name__ == "__main__":
-    worker(sys.argv[1], sys.argv[2], Path(sys.argv[3]))
-
-
 @pytest.mark.parametrize("raw, expected", [("", 1800.0), ("  ", 1800.0), ("90", 90.0), ("2.5", 2.5)])
 def test_the_collective_timeout_comes_from_one_variable(monkeypatch: pytest.MonkeyPatch, raw: str,
                                                         expected: float) -> None:
@@ -270,3 +266,7 @@ def test_a_build_without_torchrun_never_reads_the_collective_timeout(monkeypatch
     cache = softcache.build(mlp(hidden=8), "softcache.digits:load,split=train", str(tmp_path / "c.zarr"),
                             progress=False)
     assert cache.complete
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1], sys.argv[2], Path(sys.argv[3]))

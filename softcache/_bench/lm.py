@@ -219,7 +219,8 @@ def measure_lm(s: LMSettings, workdir: Path) -> dict[str, Any]:
     with one_thread():
         w = make_lm(s, workdir)
         first = one_batch(w)
-        one = {"build_one": lambda: whole_build(w, first, "lm-build-one.zarr"), "teacher_one": lambda: teacher_alone(w, first)}
+        one = {"build_one": lambda: whole_build(w, first, "lm-build-one.zarr"),
+               "teacher_one": lambda: teacher_alone(w, first)}
         for warm in one.values():  # the warm-up: a one-batch build passes through every path a full one does
             warm()
         stage1 = alternate({"build": lambda: whole_build(w), "teacher": lambda: teacher_alone(w), **one},
