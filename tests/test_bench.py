@@ -79,7 +79,8 @@ def test_a_tiny_run_reports_every_figure_as_a_number(tiny_result):
         assert text in report
 
 
-WIDE_KEYS = ["train_memory_vs_hand_written", "train_stream_vs_hand_written", "group_vs_separate_speedup",
+WIDE_KEYS = ["train_memory_vs_hand_written", "train_stream_vs_hand_written", "train_memory_vs_hand_written_fused",
+             "train_stream_vs_hand_written_fused", "group_vs_separate_speedup",
              "build_vs_teacher", "online_vs_cached_train", "online_vs_cached_ideal", "online_fraction_of_ideal",
              "train_loop_vs_hand_written", "build_fixed_seconds"]
 

@@ -111,6 +111,29 @@ def test_adam_state_carries_over_between_grouped_and_single_passes(batches):
         assert max_gap(m.model, a.model) < 1e-4
 
 
+
+def test_students_step_with_fused_adam_and_learn_what_the_for_loop_adam_learns(batches):
+    """The fused kernel is the default on CPU; it rounds in another order, so the weights agree
+    with torch's for-loop Adam to float round-off, step after step, and a grouped pass hands
+    its moments back in the form the fused kernel reads (its step count beside the weights)."""
+    configs = sweep(MLP)
+    fused = runs_for(configs, batches)
+    assert all(r.optimizer.param_groups[0]["fused"] for r in fused)
+    plain = runs_for(configs, batches)
+    for r in plain:
+        r.optimizer = torch.optim.Adam(r.model.parameters(), lr=r.config.lr, weight_decay=r.config.weight_decay)
+    fit(fused, batches, 1, cached_soft, 4.0, group=True)  # stacked, then the state exported to fused Adam
+    fit(fused, batches, 2, cached_soft, 4.0, group=False)
+    for r in plain:
+        fit([r], batches, 1, cached_soft, 4.0, group=False)
+        fit([r], batches, 2, cached_soft, 4.0, group=False)
+    initial = runs_for(configs, batches)
+    for f, p, i in zip(fused, plain, initial):
+        assert max_gap(f.model, p.model) < 1e-4
+        assert max_gap(f.model, i.model) > 1e-2  # it did train
+        state = f.optimizer.state[next(f.model.parameters())]
+        assert state["step"].device == next(f.model.parameters()).device and int(state["step"]) == 3 * 6
+
 def test_closed_form_loss_and_gradient_match_autograd():
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(3, 16, 10, generator=gen)

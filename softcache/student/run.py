@@ -104,8 +104,23 @@ def make_run(config: StudentConfig, num_classes: int, probe: torch.Tensor, devic
     if not tokens and (out.ndim != 2 or out.shape[1] != num_classes):
         raise CacheError(f"student {config.spec_text()} outputs shape {tuple(out.shape[1:])} but the cache has "
                          f"{num_classes} classes")
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    return StudentRun(config=config, model=model, optimizer=optimizer)
+    return StudentRun(config=config, model=model, optimizer=student_optimizer(model, config))
+
+
+FUSED_ADAM_DEVICES = ("cpu", "cuda")
+"""Devices where ``torch.optim.Adam(fused=True)`` has a kernel (torch >= 2.4)."""
+
+
+def student_optimizer(model: nn.Module, config: StudentConfig) -> torch.optim.Adam:
+    """Adam with torch's fused kernel wherever torch has one for the parameters' device (CPU,
+    CUDA): one kernel per parameter tensor instead of a dozen element-wise passes, which at a
+    256-256-1000 MLP and batch 256 is about a tenth of a step on one CPU thread. The update is
+    Adam's to float round-off (the fused kernel rounds in another order: weights differ from the
+    for-loop implementation's in the last bit, not in what is learned). Elsewhere (MPS, say) the
+    default implementation."""
+    params = list(model.parameters())
+    fused = bool(params) and all(p.device.type in FUSED_ADAM_DEVICES and p.dtype.is_floating_point for p in params)
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None)
 
 
 def fit(runs: Sequence[StudentRun], loader: MemoryLoader | StreamLoader, epochs: int, soft_source: SoftSource,

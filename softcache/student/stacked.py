@@ -284,9 +284,10 @@ class StudentGroup:
         if self.optimizer is None or self.optimizer.step_count == 0:
             return
         for j, run in enumerate(self.runs):
+            fused = bool(run.optimizer.param_groups[0].get("fused"))  # its step count lives beside the weights
             for i, p in enumerate(run.model.parameters()):
                 run.optimizer.state[p] = {
-                    "step": torch.tensor(float(self.optimizer.step_count)),
+                    "step": torch.tensor(float(self.optimizer.step_count), device=p.device if fused else None),
                     "exp_avg": self._student_view(self.optimizer.exp_avg, i, j).clone(),
                     "exp_avg_sq": self._student_view(self.optimizer.exp_avg_sq, i, j).clone(),
                 }
