@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from softcache._bench.timing import Timed, alternate, median, ratio, timer
+from softcache._bench.timing import Timed, alternate, balanced_rounds, median, ratio, timer
 from softcache._bench.workload import MLP, Workload, fresh_runs, memory_loader, sample_loader, students
 from softcache.cache import store
 from softcache.cache.store import Cache, open_cache
@@ -51,7 +51,9 @@ def measure_epochs(w: Workload) -> dict[str, Any]:
             return elapsed()
         return go
 
-    times = alternate({"tensor": in_tensor, "memory": from_store("memory"), "stream": from_store("stream")}, s.repeats)
+    # balanced rounds (A B C C B A): these runs last seconds, and the machine's speed drifts over a round
+    times = alternate({"tensor": in_tensor, "memory": from_store("memory"), "stream": from_store("stream")},
+                      balanced_rounds(s.repeats), balanced=True)
     per_epoch = {k: median(v) / s.epochs for k, v in times.items()}
     crc = checksum_seconds(w.cache, s.repeats)
     return {
