@@ -95,3 +95,33 @@ def test_float64_items_are_cast_to_float32(user_dir: Path, tmp_path: Path) -> No
     wide, narrow = caches["float64_items"], caches["float32_items"]
     assert wide.manifest.source.fingerprint == narrow.manifest.source.fingerprint
     assert np.array_equal(wide.train.soft_labels(view=None), narrow.train.soft_labels(view=None))
+
+
+def test_tensor_datasets_are_materialized_as_they_are_and_agree_with_item_by_item() -> None:
+    """A dataset holding its rows as tensors is given to training without a copy; the result is
+    what reading it item by item gives (float64 cast to float32, labels -1 where there are none)."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from softcache.data import LabelledTensors, materialize
+
+    x = torch.rand(50, 1, 4, 4, dtype=torch.float64)
+    y = torch.arange(50) % 7
+    tensors = LabelledTensors(x.float(), y, None, {"rows": 50})
+    fast_x, fast_y = materialize(tensors)
+    assert fast_x.data_ptr() == tensors.inputs.data_ptr() and fast_y.data_ptr() == y.data_ptr()
+    slow_x, slow_y = materialize(TensorDataset(x.float(), y), batch_size=16)  # item by item
+    assert torch.equal(fast_x, slow_x) and torch.equal(fast_y, slow_y)
+    as64, _ = materialize(LabelledTensors(x, y, None, {}))
+    assert as64.dtype == torch.float32 and torch.equal(as64, x.float())
+
+    class Unlabelled(torch.utils.data.Dataset):
+        inputs = x.float()
+
+        def __len__(self) -> int:
+            return len(self.inputs)
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            return self.inputs[i]
+
+    assert materialize(Unlabelled())[1].tolist() == [-1] * 50
