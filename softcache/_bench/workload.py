@@ -132,7 +132,7 @@ class BenchSettings:
     @staticmethod
     def preset(quick: bool) -> BenchSettings:
         if quick:
-            return BenchSettings(rows=8192, chunk_rows=1024, batch_size=64, epochs=5, repeats=3, students=8,
+            return BenchSettings(rows=8192, chunk_rows=2048, batch_size=64, epochs=5, repeats=3, students=8,
                                  sample_rows=2048, wide_rows=16384, wide=WideSettings.preset(True),
                                  lm=LMSettings.preset(True))
         return BenchSettings(rows=32768, chunk_rows=4096, batch_size=64, epochs=5, repeats=7, students=8,
