@@ -111,7 +111,6 @@ def test_adam_state_carries_over_between_grouped_and_single_passes(batches):
         assert max_gap(m.model, a.model) < 1e-4
 
 
-
 def test_students_step_with_fused_adam_and_learn_what_the_for_loop_adam_learns(batches):
     """The fused kernel is the default on CPU; it rounds in another order, so the weights agree
     with torch's for-loop Adam to float round-off, step after step, and a grouped pass hands
@@ -133,6 +132,7 @@ def test_students_step_with_fused_adam_and_learn_what_the_for_loop_adam_learns(b
         assert max_gap(f.model, i.model) > 1e-2  # it did train
         state = f.optimizer.state[next(f.model.parameters())]
         assert state["step"].device == next(f.model.parameters()).device and int(state["step"]) == 3 * 6
+
 
 def test_closed_form_loss_and_gradient_match_autograd():
     gen = torch.Generator().manual_seed(1)
