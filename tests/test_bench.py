@@ -184,3 +184,26 @@ def test_the_hand_written_cross_entropy_step_has_the_library_loss(tmp_path):
 def test_cli_bench_rejects_unknown_flags(capsys):
     assert main(["bench", "--quickly"]) == 2
     assert "softcache: error:" in capsys.readouterr().err
+
+
+def test_peak_memory_is_measured_in_two_fresh_processes_at_once(tmp_path):
+    """The bench's own path (``isolate_memory``): each loader mode in its own child, both running
+    together, and a child that fails is reported in one line with none left running."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from softcache._bench.memory import child_report, measure_memory
+
+    settings = BenchSettings(rows=256, chunk_rows=128, batch_size=64, epochs=1, repeats=1, students=1,
+                             sample_rows=128, wide_rows=512, build_batch_size=128, isolate_memory=True)
+    mem = measure_memory(SimpleNamespace(settings=settings, workdir=tmp_path))  # type: ignore[arg-type]
+    assert mem["rows"] == 512 and mem["classes"] == 1000
+    for mode in ("memory", "stream"):
+        assert mem[mode]["peak_mb"] > 0 and mem[mode]["added_mb"] >= 0 and mem[mode]["arrays_peak_mb"] > 0
+    assert mem["stream_bound_mb"] > 0  # only the streaming child reports a bound
+    failing = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit('no such cache')"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with pytest.raises(RuntimeError, match="peak-memory child failed: .*no such cache"):
+        child_report(failing)
+    assert failing.poll() is not None

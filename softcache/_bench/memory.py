@@ -97,6 +97,18 @@ def peak_child(url: str, mode: str, batch_size: int) -> dict[str, float | None]:
             "stream_bound_mb": bound / 2**20 if bound else None}
 
 
+def child_report(proc: subprocess.Popen[str]) -> dict[str, float | None]:
+    """The JSON line a :data:`PEAK_CHILD` process prints last, once it has ended."""
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise RuntimeError("peak-memory child ran past 300 s") from None
+    if proc.returncode != 0:
+        raise RuntimeError(f"peak-memory child failed: {stderr.strip().splitlines()[-1:]}")
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
 def measure_memory(w: Workload) -> dict[str, Any]:
     """Stage 2 peak memory per loader mode, on a 1000-class cache where soft labels dominate;
     each mode in a fresh process, since peak RSS is per process."""
@@ -111,15 +123,21 @@ def measure_memory(w: Workload) -> dict[str, Any]:
                            "float32_in_ram_mb": int(np.prod(soft.shape)) * 4 / 2**20}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
                                                          os.environ.get("PYTHONPATH", "")])}
-    for mode in ("memory", "stream"):
-        if s.isolate_memory:
-            code = PEAK_CHILD.format(threads=torch.get_num_threads(), url=url, mode=mode, batch_size=256)
-            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-            if proc.returncode != 0:
-                raise RuntimeError(f"peak-memory child failed: {proc.stderr.strip().splitlines()[-1:]}")
-            child = json.loads(proc.stdout.strip().splitlines()[-1])
-        else:
-            child = peak_child(url, mode, 256)
+    modes = ("memory", "stream")
+    if s.isolate_memory:  # both children at once: each measures its own peak, and the section takes half the time
+        children = {mode: subprocess.Popen([sys.executable, "-c", PEAK_CHILD.format(
+            threads=torch.get_num_threads(), url=url, mode=mode, batch_size=256)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for mode in modes}
+        try:
+            reports = {mode: child_report(proc) for mode, proc in children.items()}
+        finally:  # a child that failed leaves none running
+            for proc in children.values():
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    else:
+        reports = {mode: peak_child(url, mode, 256) for mode in modes}
+    for mode, child in reports.items():
         out[mode] = {"peak_mb": child["peak_mb"], "added_mb": child["peak_mb"] - child["before_mb"],
                      "arrays_peak_mb": child["arrays_peak_mb"]}
         if child["stream_bound_mb"] is not None:
