@@ -10,6 +10,7 @@ import itertools
 import json
 import math
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -318,6 +319,38 @@ def test_uint8_topk_values_build_and_train_from_the_cli(teacher_path: Path, tmp_
     refused = _one_line_refusal("build", "--teacher", str(teacher_path), "--data", DATA_SPEC, "--out",
                                 str(tmp_path / "full.zarr"), "--dtype", "uint8")
     assert "uint8 quantises top-k" in refused and not (tmp_path / "full.zarr").exists()
+
+
+@pytest.mark.parametrize("storage, bytes_per_label, warns", [
+    ("full", 20, False), ("topk:3", 16, False), ("topk:5", 24, True), ("sample:6", 18, False), ("sample:12", 30, True)])
+def test_a_compact_mode_no_smaller_than_full_storage_builds_with_a_warning(storage: str, bytes_per_label: int,
+                                                                           warns: bool, tmp_path: Path) -> None:
+    """Over 10 classes full float16 storage takes 20 bytes a sample; a compact mode that takes as
+    many or more saves nothing and loses exactness, which the build says (and the CLI in one line)."""
+    data = LabelledTensors(torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(0)),
+                           torch.arange(64) % 10, None, {"rows": 64})
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cache = build(teacher, data, str(tmp_path / "c.zarr"), temperature=T, storage=storage, progress=False)
+    said = [str(w.message) for w in caught if "no fewer than full float16 storage" in str(w.message)]
+    assert len(said) == int(warns)
+    if warns:
+        assert said[0].startswith(f"storage {storage} keeps {bytes_per_label} bytes per soft label") and "20 for 10" in said[0]
+    arrays = [cache.train.array(name) for name in layout.soft_arrays(cache.manifest)]
+    stored = sum(math.prod(a.shape[1:]) * a.dtype.itemsize for a in arrays)  # one view: per sample
+    assert layout.label_bytes(cache.manifest.storage, 10) == stored == bytes_per_label
+
+
+def test_the_cli_prints_the_storage_warning_in_one_line(teacher_path: Path, tmp_path: Path) -> None:
+    result = main("build", "--teacher", str(teacher_path), "--data", DATA_SPEC, "--out", str(tmp_path / "s.zarr"),
+                  "--storage", "sample:12", "--temperature", "4", "--json", "--quiet")
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines == ["softcache: warning: storage sample:12 keeps 30 bytes per soft label, no fewer than full float16 "
+                     "storage's 20 for 10 classes, which is exact and trains at any temperature: --storage full is "
+                     "the smaller choice here"], result.stderr
+    assert json.loads(result.stdout)["rows"] > 0
 
 
 # -- refusals ---------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from softcache.cache.manifest import Manifest
+from softcache.cache.manifest import Manifest, StorageInfo
 
 SOFT = "soft_labels"
 INDEX = "sample_index"
@@ -125,10 +125,23 @@ def soft_arrays(manifest: Manifest) -> tuple[str, ...]:
 
 
 def soft_width(manifest: Manifest) -> int:
+    """Entries per soft label of a cache (:func:`label_width`)."""
+    return label_width(manifest.storage, manifest.classes.count)
+
+
+def label_width(storage: StorageInfo, classes: int) -> int:
     """Entries per soft label: every class (full), the k kept (topk), or one slot per distinct id
     the draws can hold (sample: at most ``min(k, classes)``)."""
-    st, classes = manifest.storage, manifest.classes.count
-    return {"full": classes, "topk": int(st.k or 0), "sample": min(int(st.k or 0), classes)}[st.mode]
+    k = int(storage.k or 0)
+    return {"full": classes, "topk": k, "sample": min(k, classes)}[storage.mode]
+
+
+def label_bytes(storage: StorageInfo, classes: int) -> int:
+    """Bytes of one soft label at one position (values, ids, top-k's float32 leftover), before
+    chunk padding and checksums: what a storage mode costs, comparable across modes."""
+    ids = 0 if storage.mode == "full" else FORMAT_DTYPES[str(storage.id_dtype)]
+    rest = FORMAT_DTYPES["float32"] if storage.mode == "topk" else 0
+    return label_width(storage, classes) * (FORMAT_DTYPES[storage.dtype] + ids) + rest
 
 
 def id_dtype(classes: int) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -57,7 +58,22 @@ from softcache.sequences import is_sequence_dataset
 
 def storage_info(storage: str, dtype: str, classes: int | None = None) -> StorageInfo:
     """A ``storage`` option (its form checked by ``BuildOptions``) as the manifest records it,
-    for a teacher of ``classes`` classes (a compact mode must keep fewer than all of them)."""
+    for a teacher of ``classes`` classes (a compact mode must keep fewer than all of them).
+
+    A compact mode that stores no fewer bytes per soft label than full float16 storage (few
+    classes: ``sample:12`` over 10 classes keeps 10 slots of 3 bytes against 20 bytes) builds, with
+    a warning: it loses what full storage keeps exactly and saves nothing."""
+    info = _storage_info(storage, dtype, classes)
+    if classes is not None and info.mode != "full":
+        compact, full = layout.label_bytes(info, classes), layout.label_bytes(StorageInfo(dtype="float16"), classes)
+        if compact >= full:
+            warnings.warn(f"storage {storage} keeps {compact} bytes per soft label, no fewer than full float16 storage's "
+                          f"{full} for {classes} classes, which is exact and trains at any temperature: "
+                          "--storage full is the smaller choice here", UserWarning, stacklevel=3)
+    return info
+
+
+def _storage_info(storage: str, dtype: str, classes: int | None) -> StorageInfo:
     mode, _, k = storage.partition(":")
     if dtype == "uint8" and mode != "topk":
         raise UsageError(f"--dtype uint8 quantises top-k log-probabilities; {mode} storage keeps "
