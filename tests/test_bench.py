@@ -82,7 +82,8 @@ def test_a_tiny_run_reports_every_figure_as_a_number(tiny_result):
 WIDE_KEYS = ["train_memory_vs_hand_written", "train_stream_vs_hand_written", "train_memory_vs_hand_written_fused",
              "train_stream_vs_hand_written_fused", "group_vs_separate_speedup",
              "build_vs_teacher", "online_vs_cached_train", "online_vs_cached_ideal", "online_fraction_of_ideal",
-             "train_loop_vs_hand_written", "build_fixed_seconds"]
+             "train_loop_vs_hand_written", "build_fixed_seconds", "build_vs_own_teacher_calls",
+             "teacher_calls_in_build_vs_alone"]
 
 
 def test_the_1000_class_section_reports_its_ratios_beside_the_digits_figures(tiny_result):

@@ -162,3 +162,32 @@ def test_specs_recorded_in_a_cache_never_run_unless_named(cache: Cache, tmp_path
     assert not marker.exists()
     board = train(str(copy), ["softcache.models:mlp"], data=DATA_SPEC, config=TrainConfig(epochs=1), progress=False).leaderboard
     assert board.height == 1
+
+
+class _SlowTeacher(nn.Module):
+    """A linear teacher that takes at least ``pause`` seconds a call."""
+
+    def __init__(self, pause: float):
+        super().__init__()
+        self.linear, self.pause = nn.Linear(64, 10), pause
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        time.sleep(self.pause)
+        return self.linear(x.flatten(1))
+
+
+def test_the_build_report_says_how_long_the_teacher_took(tmp_path: Path) -> None:
+    """``teacher_seconds`` is the teacher's calls (4 batches of a teacher that sleeps 0.05 s a
+    call: at least 0.2 s) and a part of the build's own ``seconds``, the rest being the build's."""
+    from softcache.data import LabelledTensors
+
+    data = LabelledTensors(torch.rand(256, 1, 8, 8), torch.arange(256) % 10, None, {"rows": 256})
+    teacher = _SlowTeacher(0.05)
+    cache = build(teacher, data, str(tmp_path / "c.zarr"), batch_size=64, progress=False)
+    report = cache.build_report
+    assert report is not None
+    assert 0.2 <= report["teacher_seconds"] < report["seconds"]
+    again = build(teacher, data, str(tmp_path / "c.zarr"), batch_size=64, progress=False, resume=True)
+    assert again.build_report is not None and again.build_report["teacher_seconds"] == 0.0  # nothing left to label

@@ -108,7 +108,8 @@ def format_built(summary: dict[str, Any], temperature: float) -> str:
             f"shard {report.get('shard')} of {summary['url']} done; the cache completes when the other workers finish")
     return (f"{done}: {summary['rows']} rows (+{summary['eval_rows']} eval), T={temperature:g}, key {key[:12]}; "
             f"this worker wrote {len(report.get('units_written', []))} shard(s), skipped "
-            f"{report.get('units_skipped', 0)} already done, in {summary['seconds']:.1f}s")
+            f"{report.get('units_skipped', 0)} already done, in {summary['seconds']:.1f}s"
+            + (f"; the teacher's calls took {report['teacher_seconds']:.1f}s" if report.get("rows_written") else ""))
 
 
 def format_synthesized(summary: dict[str, Any], temperature: float) -> str:

@@ -356,8 +356,9 @@ def finalize_if_done(url: str | Location, group: zarr.Group) -> bool:
 
 
 def build_report(url: str | Location, shard: ShardSpec, state: TargetState, mine: list[WorkUnit], written: list[WorkUnit],
-                 complete: bool, seconds: float, total_units: int) -> dict[str, Any]:
-    """What one worker did, for ``build --json`` and pipelines (a stable, documented object)."""
+                 complete: bool, seconds: float, total_units: int, teacher_seconds: float = 0.0) -> dict[str, Any]:
+    """What one worker did, for ``build --json`` and pipelines (a stable, documented object).
+    ``teacher_seconds`` of the ``seconds`` were the teacher's calls; the rest is the build's own."""
     return {
         "url": Location.of(url).url,
         "shard": str(shard),
@@ -370,6 +371,7 @@ def build_report(url: str | Location, shard: ShardSpec, state: TargetState, mine
         "rows_written": sum(len(u.rows) for u in written),
         "complete": complete,
         "seconds": round(seconds, 3),
+        "teacher_seconds": round(teacher_seconds, 3),
         "finished_at": now_iso(),
     }
 

@@ -202,6 +202,16 @@ def recorded_manifest(manifest: Manifest, cache: Location) -> Manifest:
     return m
 
 
+@dataclass
+class TeacherClock:
+    """Seconds a build spent inside the teacher's calls. Everything else a build costs is its own
+    (store, writer hand-offs, the last chunk's write, finalize), so ``seconds / teacher`` measured
+    in one run says what the build adds to its teacher, free of the machine's drift between a
+    build and a separate teacher loop."""
+
+    seconds: float = 0.0
+
+
 def write_split(
     group: Any,
     teacher: nn.Module,
@@ -212,13 +222,16 @@ def write_split(
     progress: Progress,
     writer: ChunkWriter | None = None,
     on_done: Callable[[], None] | None = None,
+    clock: TeacherClock | None = None,
 ) -> None:
     """Label ``rows`` block by block and write them through the background writer.
 
     With a shared ``writer`` (see :func:`split_writer`) the call returns as soon as the last block
     is queued, and ``on_done`` runs in the writer thread once the rows are stored: the next shard's
     teacher work overlaps this shard's last write. Without one, a writer is made and closed here.
+    ``clock`` adds up the time of the teacher's calls.
     """
+    clock = clock or TeacherClock()
     own = writer is None
     if writer is None:
         writer = split_writer(group, manifest)
@@ -227,7 +240,9 @@ def write_split(
     row = rows.start
     try:
         for block in blocks:
+            began = time.perf_counter()
             logits = teacher_logits(teacher, block, device)
+            clock.seconds += time.perf_counter() - began
             # everything after the teacher runs in the writer thread, beside the next teacher call
             rows_in = len(block.inputs)
             writer.append(Deferred(rows_in, functools.partial(stored_arrays, logits, block, row, manifest, store_inputs)))
@@ -377,6 +392,7 @@ def run_build(
     todo = [] if state == "complete" else distributed.pending(group, mine)
     desc = "build" if me.count == 1 else f"build {me}"
     writers: dict[str, ChunkWriter] = {}  # one per split, across shards; flags set after the data
+    clock = TeacherClock()
     try:
         with Progress(total=sum(len(u.rows) for u in todo), desc=desc, enabled=progress, unit="rows") as bar:
             for unit in todo:
@@ -385,7 +401,8 @@ def run_build(
                 if unit.split not in writers:
                     writers[unit.split] = split_writer(split, manifest)
                 write_split(split, teacher, blocks(unit.rows), unit.rows, manifest, device, bar,  # type: ignore[misc]
-                            writer=writers[unit.split], on_done=functools.partial(store.mark_shard_done, split, unit.shard))
+                            writer=writers[unit.split], on_done=functools.partial(store.mark_shard_done, split, unit.shard),
+                            clock=clock)
             for writer in writers.values():
                 writer.close()
     except BaseException:
@@ -395,5 +412,5 @@ def run_build(
     complete = distributed.finalize_if_done(target, group)
     cache = store.open_cache(target, allow_incomplete=True)
     cache.build_report = distributed.build_report(target, me, state, mine, todo, complete, time.perf_counter() - start,
-                                                  len(units))
+                                                  len(units), clock.seconds)
     return cache
