@@ -202,12 +202,10 @@ def stored_bytes(cache: Cache, path: Path, unit: str) -> dict[str, float]:
     """Bytes per token (or sample) of the training rows' soft-label arrays: as the layout sizes
     them, and as the chunk files on disk hold them; for sampled storage, the distinct ids kept."""
     manifest, names = cache.manifest, layout.soft_arrays(cache.manifest)
-    specs = layout.split_arrays(manifest, 1, store_inputs=False)
     positions = manifest.positions
-    nominal = sum(math.prod(specs[n].shape[1:]) * layout.FORMAT_DTYPES[specs[n].dtype] for n in names)
     on_disk = sum(f.stat().st_size for n in names for f in (path / n).rglob("*")
                   if f.is_file() and f.name != "zarr.json")
-    out = {f"bytes_per_{unit}": nominal / positions,
+    out = {f"bytes_per_{unit}": float(layout.label_bytes(manifest.storage, manifest.classes.count)),
            f"bytes_per_{unit}_on_disk": on_disk / (cache.train.rows * positions)}
     if manifest.storage.mode == "sample":
         counts = cache.train.read(layout.SOFT)

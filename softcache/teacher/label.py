@@ -128,11 +128,11 @@ def draw_uniforms(seed: int, rows: np.ndarray, positions: int, draws: int) -> np
     return (h >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
-def sample_counts(logp: torch.Tensor, draws: int, seed: int, first_row: int | np.ndarray,
+def sample_counts(logp: torch.Tensor, draws: int, seed: int, rows: int | np.ndarray,
                   systematic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``draws`` classes drawn with replacement from ``exp(logp)`` ``(n, P, C)`` at every position
-    of rows ``first_row ..`` (or of the rows an array of ``n`` row numbers names, as a shuffled
-    batch holds them), by inverse CDF on :func:`draw_uniforms`, as ``(ids, counts)``
+    of rows ``rows ..`` (an int: the first of ``n`` consecutive rows) or of the ``n`` rows an array
+    names (as a shuffled batch holds them), by inverse CDF on :func:`draw_uniforms`, as ``(ids, counts)``
     ``(n, P, min(draws, C))`` int64: the distinct ids drawn, most drawn first (ties: smaller id
     first), then unused slots of id 0 and count 0. ``systematic``: the draws of a position are
     spaced ``1 / draws`` apart from one uniform (see the module docstring).
@@ -142,7 +142,7 @@ def sample_counts(logp: torch.Tensor, draws: int, seed: int, first_row: int | np
     n, positions, classes = logp.shape
     cdf = torch.cumsum(logp.exp(), -1, dtype=torch.float64)
     total = cdf[..., -1:]
-    rows = np.asarray(first_row) if np.ndim(first_row) else np.arange(first_row, first_row + n)
+    rows = np.asarray(rows) if np.ndim(rows) else np.arange(rows, rows + n)
     if systematic:  # one uniform per position, the draws spaced 1/draws apart from it
         start = draw_uniforms(seed, rows, positions, 1)
         u = torch.from_numpy((start + np.arange(draws)) / draws)
