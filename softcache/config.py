@@ -100,6 +100,10 @@ class CacheOptions(_Model):
     view_seed: int | None = Field(default=None, description="seeds the view parameters, which the cache stores "
                                   "(default: 0; synthesize: its seed)")
     device: str | None = Field(default=None, description="cuda / cpu (default: cuda when present)")
+    pin_threads: Literal["auto", "off"] = Field(
+        default="auto", description="auto: a CPU teacher on one torch thread (Linux, 2+ cores) stays on the core it "
+        "runs on and the build's writer keeps off it while labelling, let go if another process shares that core; "
+        "off: the scheduler places every thread")
     overwrite: bool = Field(default=False, description="replace an existing cache at the target (a pipeline keeps "
                             "a cache of its own build: skipped or resumed)")
 

@@ -356,9 +356,12 @@ def finalize_if_done(url: str | Location, group: zarr.Group) -> bool:
 
 
 def build_report(url: str | Location, shard: ShardSpec, state: TargetState, mine: list[WorkUnit], written: list[WorkUnit],
-                 complete: bool, seconds: float, total_units: int, teacher_seconds: float = 0.0) -> dict[str, Any]:
+                 complete: bool, seconds: float, total_units: int, teacher_seconds: float = 0.0,
+                 teacher_core: int | None = None, teacher_core_released: bool = False) -> dict[str, Any]:
     """What one worker did, for ``build --json`` and pipelines (a stable, documented object).
-    ``teacher_seconds`` of the ``seconds`` were the teacher's calls; the rest is the build's own."""
+    ``teacher_seconds`` of the ``seconds`` were the teacher's calls; the rest is the build's own.
+    ``teacher_core``: the core the teacher's thread was kept on (None: not kept), and whether it
+    was let go because another process shared that core (``teacher.cores``)."""
     return {
         "url": Location.of(url).url,
         "shard": str(shard),
@@ -372,6 +375,8 @@ def build_report(url: str | Location, shard: ShardSpec, state: TargetState, mine
         "complete": complete,
         "seconds": round(seconds, 3),
         "teacher_seconds": round(teacher_seconds, 3),
+        "teacher_core": teacher_core,
+        "teacher_core_released": teacher_core_released,
         "finished_at": now_iso(),
     }
 

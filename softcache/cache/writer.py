@@ -93,6 +93,11 @@ class ChunkWriter:
         if start is not None:
             self.begin(range(start, start if stop is None else stop))
 
+    @property
+    def native_id(self) -> int | None:
+        """The writer thread's id in the operating system (to place it on cores)."""
+        return self._thread.native_id
+
     # -- producer side ------------------------------------------------------------------------
 
     def begin(self, rows: range, on_done: Callable[[], None] | None = None) -> None:

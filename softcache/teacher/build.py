@@ -25,6 +25,7 @@ from softcache._version import __version__
 
 from softcache.cache import layout, store
 from softcache.cache import shards as distributed
+from softcache.teacher.cores import TeacherCore
 from softcache.teacher.workers import WorkerGroup
 from softcache.views import resolve_views, view_blocks
 from softcache.data import batches, describe, load_dataset
@@ -207,9 +208,21 @@ class TeacherClock:
     """Seconds a build spent inside the teacher's calls. Everything else a build costs is its own
     (store, writer hand-offs, the last chunk's write, finalize), so ``seconds / teacher`` measured
     in one run says what the build adds to its teacher, free of the machine's drift between a
-    build and a separate teacher loop."""
+    build and a separate teacher loop. Each call's wall and CPU seconds also go to ``core``'s
+    watch (``teacher.cores``)."""
 
     seconds: float = 0.0
+    core: TeacherCore | None = None
+
+    def call(self, block: RowBlock, teacher: nn.Module, device: torch.device) -> torch.Tensor:
+        """``teacher_logits`` of ``block``, timed."""
+        began, cpu = time.perf_counter(), time.thread_time()
+        logits = teacher_logits(teacher, block, device)
+        wall = time.perf_counter() - began
+        self.seconds += wall
+        if self.core is not None:
+            self.core.watch(wall, time.thread_time() - cpu)
+        return logits
 
 
 def write_split(
@@ -240,9 +253,7 @@ def write_split(
     row = rows.start
     try:
         for block in blocks:
-            began = time.perf_counter()
-            logits = teacher_logits(teacher, block, device)
-            clock.seconds += time.perf_counter() - began
+            logits = clock.call(block, teacher, device)
             # everything after the teacher runs in the writer thread, beside the next teacher call
             rows_in = len(block.inputs)
             writer.append(Deferred(rows_in, functools.partial(stored_arrays, logits, block, row, manifest, store_inputs)))
@@ -325,7 +336,8 @@ def build(
     batch_size = cfg.batch_size
     return run_build(out, model, plan, block_source(dataset, batch_size, aug, view_info),
                      (lambda rows: dataset_blocks(eval_set, rows, batch_size)) if eval_set is not None else None,
-                     device=dev, overwrite=cfg.overwrite, progress=progress, shard=cfg.shard, resume=cfg.resume)
+                     device=dev, overwrite=cfg.overwrite, progress=progress, shard=cfg.shard, resume=cfg.resume,
+                     pin_threads=cfg.pin_threads)
 
 
 def _build_sequences(model: nn.Module, dataset: Dataset, data_spec: Spec | None, eval_set: Dataset | None,
@@ -349,7 +361,8 @@ def _build_sequences(model: nn.Module, dataset: Dataset, data_spec: Spec | None,
     batch = seq.teacher_batch(cfg.batch_size, rows.length, vocab)
     return run_build(out, model, BuildPlan(manifest=manifest), seq.sequence_blocks(rows, batch),
                      seq.sequence_blocks(held_out, batch) if held_out is not None else None,
-                     device=dev, overwrite=cfg.overwrite, progress=progress, shard=cfg.shard, resume=cfg.resume)
+                     device=dev, overwrite=cfg.overwrite, progress=progress, shard=cfg.shard, resume=cfg.resume,
+                     pin_threads=cfg.pin_threads)
 
 
 def run_build(
@@ -364,13 +377,15 @@ def run_build(
     progress: bool,
     shard: str | distributed.ShardSpec | None = None,
     resume: bool = False,
+    pin_threads: str = "auto",
 ) -> store.Cache:
     """Create (or join) the store, label this worker's unfinished shards, finalize when all are done.
 
     ``*_blocks(rows)`` yield RowBlocks. One process does every shard unless ``shard`` (``"I/N"``)
     or torchrun's ``RANK``/``WORLD_SIZE`` give it a share; ``resume`` lets a plain build continue a
     partial cache of the same build. The returned cache is complete unless other workers still
-    have shards to do; ``cache.build_report`` says what this worker did.
+    have shards to do; ``cache.build_report`` says what this worker did. ``pin_threads``: "auto"
+    keeps a one-core CPU teacher on its core and the writers off it (``teacher.cores``), "off" not.
     """
     start = time.perf_counter()
     target = Location.of(out).native()  # file:// URLs are written as the local paths they name
@@ -392,14 +407,16 @@ def run_build(
     todo = [] if state == "complete" else distributed.pending(group, mine)
     desc = "build" if me.count == 1 else f"build {me}"
     writers: dict[str, ChunkWriter] = {}  # one per split, across shards; flags set after the data
-    clock = TeacherClock()
+    core = TeacherCore(pin_threads, device)
+    clock = TeacherClock(core=core)
     try:
-        with Progress(total=sum(len(u.rows) for u in todo), desc=desc, enabled=progress, unit="rows") as bar:
+        with Progress(total=sum(len(u.rows) for u in todo), desc=desc, enabled=progress, unit="rows") as bar, core:
             for unit in todo:
                 split = distributed.split_group(group, unit.split)
                 blocks = train_blocks if unit.split == "train" else eval_blocks
                 if unit.split not in writers:
                     writers[unit.split] = split_writer(split, manifest)
+                    core.keep_off(writers[unit.split].native_id)
                 write_split(split, teacher, blocks(unit.rows), unit.rows, manifest, device, bar,  # type: ignore[misc]
                             writer=writers[unit.split], on_done=functools.partial(store.mark_shard_done, split, unit.shard),
                             clock=clock)
@@ -412,5 +429,5 @@ def run_build(
     complete = distributed.finalize_if_done(target, group)
     cache = store.open_cache(target, allow_incomplete=True)
     cache.build_report = distributed.build_report(target, me, state, mine, todo, complete, time.perf_counter() - start,
-                                                  len(units), clock.seconds)
+                                                  len(units), clock.seconds, core.cpu, core.released)
     return cache

@@ -323,7 +323,8 @@ def synthesize(
     train_blocks = block_source(dataset, batch_size, aug, view)
     eval_blocks = block_source(eval_set, 1024) if eval_set is not None else None
     cache = run_build(out, model, BuildPlan(manifest=manifest, store_inputs=True, eval_inputs=False), train_blocks,
-                      eval_blocks, device=dev, overwrite=opts.overwrite, progress=progress)
+                      eval_blocks, device=dev, overwrite=opts.overwrite, progress=progress,
+                      pin_threads=opts.pin_threads)
     return Synthesized(cache, seconds, _target_rate(model, inputs, labels, dev), fallback)
 
 
