@@ -24,6 +24,7 @@ from softcache.student.loaders import MemoryLoader, open_loader
 from softcache.student.run import cached_soft, fit, online_soft
 from softcache.student.stream import StreamLoader
 from softcache.teacher.build import build, dataset_blocks, split_writer, write_split
+from softcache.teacher.cores import TeacherCore
 from softcache.teacher.label import label_block
 
 
@@ -153,9 +154,10 @@ def measure_stage1(w: Workload) -> dict[str, Any]:
     shards = [range(a, min(a + s.chunk_rows, n)) for a in range(0, n, s.chunk_rows)]
 
     def with_writing() -> float:
-        with Progress(total=n, desc="bench", enabled=False) as bar:
+        with Progress(total=n, desc="bench", enabled=False) as bar, TeacherCore("auto", w.device) as core:
             elapsed = timer()
             writer = split_writer(group, manifest)
+            core.keep_off(writer.native_id)  # as run_build places its threads
             for i, rows in enumerate(shards):
                 write_split(group, w.teacher, dataset_blocks(dataset, rows, s.build_batch_size), rows, manifest,
                             w.device, bar, writer=writer, on_done=functools.partial(store.mark_shard_done, group, i))
