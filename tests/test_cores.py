@@ -166,3 +166,30 @@ def test_a_failed_build_gives_the_cores_back(one_thread: None, cores: set[int], 
     with pytest.raises(RuntimeError, match="teacher failed"):
         build(_Failing(), _data(), str(tmp_path / "c.zarr"), batch_size=64, progress=False)
     assert os.sched_getaffinity(0) == cores
+
+
+@pytest.mark.parametrize("flag, pinned", [([], True), (["--pin-threads", "off"], False)])
+def test_the_cli_reports_the_teachers_core(teacher_path: Path, tmp_path: Path, flag: list[str], pinned: bool) -> None:
+    """``softcache build`` runs one torch thread unless told otherwise, so its teacher is kept on a
+    core by default; ``--pin-threads off`` leaves it alone; both say so in ``--json``."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "softcache", "build", "--teacher", str(teacher_path),
+                           "--data", "softcache.digits:load,split=test", "--out", str(tmp_path / "c.zarr"),
+                           "--json", "--quiet", *flag], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    worker = json.loads(proc.stdout)["worker"]
+    # the core is named even when the build let go of it (another test's process shared it)
+    assert (worker["teacher_core"] in os.sched_getaffinity(0)) if pinned else worker["teacher_core"] is None
+
+
+def test_an_unknown_pin_mode_is_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "softcache", "build", "--teacher", "x", "--data", "y",
+                           "--out", str(tmp_path / "c.zarr"), "--pin-threads", "always"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--pin-threads" in proc.stderr and "Traceback" not in proc.stderr

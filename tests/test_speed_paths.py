@@ -41,7 +41,7 @@ def _teacher() -> nn.Module:
 
 
 def _reference_write_split(group, teacher, blocks, rows, manifest, device, progress, writer=None,  # type: ignore[no-untyped-def]
-                           on_done=None, clock=None) -> None:
+                           on_done=None, clock=None, store_inputs=None) -> None:
     """The labelling loop as it was before it moved into the writer thread: every block labelled
     in the teacher's own loop, then handed over as finished arrays."""
     own = writer is None

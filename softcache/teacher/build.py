@@ -236,20 +236,23 @@ def write_split(
     writer: ChunkWriter | None = None,
     on_done: Callable[[], None] | None = None,
     clock: TeacherClock | None = None,
+    store_inputs: bool | None = None,
 ) -> None:
     """Label ``rows`` block by block and write them through the background writer.
 
     With a shared ``writer`` (see :func:`split_writer`) the call returns as soon as the last block
     is queued, and ``on_done`` runs in the writer thread once the rows are stored: the next shard's
     teacher work overlaps this shard's last write. Without one, a writer is made and closed here.
-    ``clock`` adds up the time of the teacher's calls.
+    ``clock`` adds up the time of the teacher's calls. ``store_inputs``: whether ``group`` holds an
+    inputs array, if the caller knows (else looked up: a metadata read that, between two shards,
+    waits behind the previous shard's chunk writes in zarr's event loop).
     """
     clock = clock or TeacherClock()
     own = writer is None
     if writer is None:
         writer = split_writer(group, manifest)
     writer.begin(rows, on_done)
-    store_inputs = layout.INPUTS in group
+    store_inputs = layout.INPUTS in group if store_inputs is None else store_inputs
     row = rows.start
     try:
         for block in blocks:
@@ -407,6 +410,7 @@ def run_build(
     todo = [] if state == "complete" else distributed.pending(group, mine)
     desc = "build" if me.count == 1 else f"build {me}"
     writers: dict[str, ChunkWriter] = {}  # one per split, across shards; flags set after the data
+    inputs: dict[str, bool] = {}  # whether a split stores inputs, looked up once
     core = TeacherCore(pin_threads, device)
     clock = TeacherClock(core=core)
     try:
@@ -417,9 +421,10 @@ def run_build(
                 if unit.split not in writers:
                     writers[unit.split] = split_writer(split, manifest)
                     core.keep_off(writers[unit.split].native_id)
+                    inputs[unit.split] = layout.INPUTS in split
                 write_split(split, teacher, blocks(unit.rows), unit.rows, manifest, device, bar,  # type: ignore[misc]
                             writer=writers[unit.split], on_done=functools.partial(store.mark_shard_done, split, unit.shard),
-                            clock=clock)
+                            clock=clock, store_inputs=inputs[unit.split])
             for writer in writers.values():
                 writer.close()
     except BaseException:
