@@ -219,7 +219,7 @@ def format_wide(r: dict[str, Any]) -> list[tuple[str, str, str]]:
          f"{r['train_memory_vs_hand_written']:.2f}",
          f"target <= 1.05; epochs alone {r['train_loop_vs_hand_written']:.2f}, "
          f"{sum(v for k, v in r['train_seconds_by_part'].items() if k != 'train'):.2f} s fixed, "
-         f"first call +{r['train_first_call_extra_seconds']:.2f} s; "
+         f"first call {r['train_first_call_extra_seconds']:+.2f} s; "
          f"{r['train_memory_vs_hand_written_fused']:.2f} of a loop with fused Adam"),
         (f"[{size}] train() {s['epochs']} epochs, stream loader / hand-written loop",
          f"{r['train_stream_vs_hand_written']:.2f}",
