@@ -14,12 +14,14 @@ stores and HTTP. Shard flags are set only after their rows are stored (see ``sha
 
 from __future__ import annotations
 
+import asyncio
 import json
 import warnings
 from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.sync import sync
 
 from softcache.cache import lock as buildlock
 from softcache.cache.check import (
@@ -194,8 +196,11 @@ def write_rows(group: zarr.Group, start: int, block: dict[str, np.ndarray],
     """Write rows ``start:start+n`` of every named array; callers pass whole chunks.
 
     ``handles`` keeps the opened arrays between calls: looking an array up reads its metadata,
-    which on an object store is two requests per array per chunk without it.
+    which on an object store is two requests per array per chunk without it. The arrays' chunks
+    are stored concurrently, in one call into zarr's event loop: one round trip to a remote store
+    for all of them rather than one per array.
     """
+    writes = []
     for name, values in block.items():
         array = handles.get(name) if handles is not None else None
         if array is None:
@@ -204,7 +209,12 @@ def write_rows(group: zarr.Group, start: int, block: dict[str, np.ndarray],
             array = group[name].with_config({"write_empty_chunks": True})  # type: ignore[union-attr]
             if handles is not None:
                 handles[name] = array  # type: ignore[assignment]
-        array[start : start + len(values)] = values
+        writes.append(array.async_array.setitem(slice(start, start + len(values)), values))
+
+    async def write_all() -> None:
+        await asyncio.gather(*writes)
+
+    sync(write_all())
 
 
 def mark_shard_done(group: zarr.Group, shard: int) -> None:
