@@ -200,7 +200,7 @@ def write_rows(group: zarr.Group, start: int, block: dict[str, np.ndarray],
     are stored concurrently, in one call into zarr's event loop: one round trip to a remote store
     for all of them rather than one per array.
     """
-    writes = []
+    targets = []
     for name, values in block.items():
         array = handles.get(name) if handles is not None else None
         if array is None:
@@ -209,10 +209,10 @@ def write_rows(group: zarr.Group, start: int, block: dict[str, np.ndarray],
             array = group[name].with_config({"write_empty_chunks": True})  # type: ignore[union-attr]
             if handles is not None:
                 handles[name] = array  # type: ignore[assignment]
-        writes.append(array.async_array.setitem(slice(start, start + len(values)), values))
+        targets.append((array, values))
 
     async def write_all() -> None:
-        await asyncio.gather(*writes)
+        await asyncio.gather(*(a.async_array.setitem(slice(start, start + len(v)), v) for a, v in targets))
 
     sync(write_all())
 

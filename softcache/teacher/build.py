@@ -272,11 +272,15 @@ def write_split(
         writer.close()
 
 
-def split_writer(group: Any, manifest: Manifest) -> ChunkWriter:
-    """One background writer for all the shards of a split that a build writes."""
+def split_writer(group: Any, manifest: Manifest, core: TeacherCore | None = None) -> ChunkWriter:
+    """One background writer for all the shards of a split that a build writes, kept off the
+    teacher's ``core`` (its thread starts on it)."""
     handles: dict[str, Any] = {}  # arrays opened once, not per chunk (metadata reads are requests remotely)
-    return ChunkWriter(lambda start, blk: store.write_rows(group, start, blk, handles), None, None,
-                       manifest.layout.chunk_rows)
+    writer = ChunkWriter(lambda start, blk: store.write_rows(group, start, blk, handles), None, None,
+                         manifest.layout.chunk_rows)
+    if core is not None:
+        core.keep_off(writer.native_id)
+    return writer
 
 
 def build(
@@ -419,8 +423,7 @@ def run_build(
                 split = distributed.split_group(group, unit.split)
                 blocks = train_blocks if unit.split == "train" else eval_blocks
                 if unit.split not in writers:
-                    writers[unit.split] = split_writer(split, manifest)
-                    core.keep_off(writers[unit.split].native_id)
+                    writers[unit.split] = split_writer(split, manifest, core)
                     inputs[unit.split] = layout.INPUTS in split
                 write_split(split, teacher, blocks(unit.rows), unit.rows, manifest, device, bar,  # type: ignore[misc]
                             writer=writers[unit.split], on_done=functools.partial(store.mark_shard_done, split, unit.shard),

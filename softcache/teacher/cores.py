@@ -51,6 +51,14 @@ def _threads() -> set[int]:
         return set()
 
 
+def _cores_of(tid: int) -> set[int]:
+    """The cores thread ``tid`` may run on; none when it has ended or is not ours to see."""
+    try:
+        return set(os.sched_getaffinity(tid))
+    except (ProcessLookupError, PermissionError):
+        return set()
+
+
 def _set_cores(tid: int, cores: set[int]) -> None:
     try:
         os.sched_setaffinity(tid, cores)
@@ -90,10 +98,7 @@ class TeacherCore:
         self.cpu, self._active = cpu, True
         # the threads already running (zarr's event loop among them); those they start inherit it
         for tid in _threads() - {threading.get_native_id()}:
-            try:
-                had = set(os.sched_getaffinity(tid))
-            except (ProcessLookupError, PermissionError):
-                continue
+            had = _cores_of(tid)
             if had - {cpu}:
                 self._moved[tid] = had
                 _set_cores(tid, had - {cpu})
@@ -124,16 +129,11 @@ class TeacherCore:
         if not self._active:
             return
         self._active = False
-        me = threading.get_native_id()
-        for tid in _threads() - {me}:
+        for tid in _threads() - {threading.get_native_id()}:
             if tid in self._moved:
                 _set_cores(tid, self._moved[tid])
-                continue
-            try:  # started meanwhile by a thread kept off the core: it inherited the others
-                if set(os.sched_getaffinity(tid)) == self._others:
-                    _set_cores(tid, self._saved)
-            except (ProcessLookupError, PermissionError):
-                pass
+            elif _cores_of(tid) == self._others:  # started meanwhile by a thread kept off the core
+                _set_cores(tid, self._saved)
         self._moved.clear()
         os.sched_setaffinity(0, self._saved)
 
