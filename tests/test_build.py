@@ -194,9 +194,10 @@ def test_the_build_report_says_how_long_the_teacher_took(tmp_path: Path) -> None
 
 
 def test_shards_do_not_look_up_the_store_between_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Whether a split stores inputs is looked up once per split, not at every shard: between two
-    shards that lookup waited behind the previous shard's chunk writes in zarr's event loop (3-7
-    ms a shard at 1,000 classes)."""
+    """Whether a split stores inputs is decided once per split, not at every shard: between two
+    shards a lookup waited behind the previous shard's chunk writes in zarr's event loop (3-7
+    ms a shard at 1,000 classes). A store the build creates is not asked at all (it holds the
+    planned arrays); a store a shard worker joins is asked once."""
     import zarr
 
     from softcache.cache import layout
@@ -213,9 +214,123 @@ def test_shards_do_not_look_up_the_store_between_them(tmp_path: Path, monkeypatc
     monkeypatch.setattr(zarr.Group, "__contains__", counted)
     data = LabelledTensors(torch.rand(512, 1, 8, 8), torch.arange(512) % 10, None, {"rows": 512})
     teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-    counts = []
-    for chunk_rows in (256, 32):  # 2 shards, then 16
-        lookups.clear()
-        build(teacher, data, str(tmp_path / f"c{chunk_rows}.zarr"), batch_size=32, chunk_rows=chunk_rows, progress=False)
-        counts.append(len(lookups))
-    assert counts[0] == counts[1] >= 1
+    counts: dict[str, list[int]] = {"new": [], "joined": []}
+    for kind, shard in (("new", None), ("joined", "0/1")):
+        for chunk_rows in (256, 32):  # 2 shards, then 16
+            lookups.clear()
+            cache = build(teacher, data, str(tmp_path / f"{kind}{chunk_rows}.zarr"), batch_size=32, chunk_rows=chunk_rows,
+                          progress=False, shard=shard)
+            assert cache.complete and len(cache.train) == 512
+            counts[kind].append(len(lookups))
+    assert counts["new"] == [0, 0]
+    assert counts["joined"][0] == counts["joined"][1] >= 1
+
+
+class _TimedTeacher(nn.Module):
+    """Records when each call starts; sleeps ``pause`` seconds per call; raises once it has been
+    called more than ``fail_after`` times."""
+
+    def __init__(self, pause: float = 0.0, fail_after: int | None = None):
+        super().__init__()
+        self.lin, self.pause, self.fail_after = nn.Linear(64, 10), pause, fail_after
+        self.calls: list[float] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        self.calls.append(time.perf_counter())
+        if self.fail_after is not None and len(self.calls) > self.fail_after:
+            raise RuntimeError("the teacher broke")
+        time.sleep(self.pause)
+        return self.lin(x.flatten(1))
+
+
+def _slow_opening(monkeypatch: pytest.MonkeyPatch, seconds: float) -> dict[str, float]:
+    """Make opening the target store take ``seconds`` longer; returns when it ended."""
+    import time
+
+    from softcache.teacher import build as stage1
+
+    ended: dict[str, float] = {}
+    real = stage1.distributed.open_target
+
+    def slow(*args: object, **kwargs: object) -> object:
+        time.sleep(seconds)
+        try:
+            return real(*args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            ended["at"] = time.perf_counter()
+
+    monkeypatch.setattr(stage1.distributed, "open_target", slow)
+    return ended
+
+
+def _rows(n: int = 512) -> object:
+    from softcache.data import LabelledTensors
+
+    return LabelledTensors(torch.rand(n, 1, 8, 8), torch.arange(n) % 10, None, {"rows": n})
+
+
+def test_the_teacher_starts_while_a_new_store_is_being_created(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new cache's store is created in a thread beside the teacher's first calls; the writer
+    waits for it, and the cache is the one a build that waited would write."""
+    ended = _slow_opening(monkeypatch, 0.3)
+    teacher, data = _TimedTeacher().eval(), _rows()
+    cache = build(teacher, data, str(tmp_path / "c.zarr"), batch_size=32, chunk_rows=64, temperature=2.0, progress=False)
+    assert len(teacher.calls) == 1 + 16  # build() probes the teacher once, then labels 16 blocks
+    assert teacher.calls[1] < ended["at"]  # labelling began before the store existed
+    assert cache.complete and validate(cache.url)["valid"]
+    with torch.no_grad():
+        expected = teacher.lin(data.inputs.flatten(1)).numpy() / 2.0  # type: ignore[attr-defined]
+    np.testing.assert_allclose(cache.train.soft_labels(), expected, rtol=2e-3, atol=2e-3)
+    assert cache.build_report is not None and cache.build_report["target"] == "created"
+
+
+def test_a_refused_target_stops_the_build_at_once_and_keeps_the_cache(tmp_path: Path) -> None:
+    """The opening's error (a cache is already there) stops the teacher's loop after the call
+    it lands in, not at the end of the data, and the cache there is left as it was."""
+    out = str(tmp_path / "c.zarr")
+    first = build(_TimedTeacher().eval(), _rows(), out, batch_size=32, chunk_rows=64, progress=False)
+    teacher = _TimedTeacher(pause=0.05).eval()
+    with pytest.raises(UsageError, match="pass --overwrite"):  # another teacher's cache is there
+        build(teacher, _rows(), out, batch_size=32, chunk_rows=64, progress=False)
+    assert 2 <= len(teacher.calls) < 1 + 16  # the probe, then fewer blocks than the data has
+    again = open_cache(out)
+    assert again.manifest.cache_key == first.manifest.cache_key and validate(out)["valid"]
+
+
+def test_a_teacher_failing_while_the_store_is_created_leaves_no_thread_behind(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The teacher's own error is raised, after the opening thread has ended; a later build
+    with ``overwrite`` replaces what the failed one left."""
+    import threading
+
+    _slow_opening(monkeypatch, 0.3)
+    out = str(tmp_path / "c.zarr")
+    with pytest.raises(RuntimeError, match="the teacher broke"):
+        build(_TimedTeacher(fail_after=1).eval(), _rows(), out, batch_size=32, chunk_rows=64, progress=False)
+    assert not [t for t in threading.enumerate() if t.name in ("softcache-open", "softcache-writer")]
+    with pytest.raises(CacheError, match="still being built"):
+        open_cache(out)
+    cache = build(_TimedTeacher().eval(), _rows(), out, batch_size=32, chunk_rows=64, overwrite=True, progress=False)
+    assert cache.complete and validate(out)["valid"]
+
+
+def test_a_refused_target_is_reported_before_what_the_teacher_got_wrong(
+        cache: Cache, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store is opened beside the first teacher calls, so a teacher error can arrive first
+    (here it does: the opening is slowed down); the refusal of the target is still the error
+    raised, and the cache there is untouched."""
+    class AllNaN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.flatten(1)) * float("nan")
+
+    before = open_cache(cache.url).manifest
+    _slow_opening(monkeypatch, 0.5)
+    with pytest.raises(UsageError, match="--overwrite"):
+        build(AllNaN(), DATA_SPEC, cache.url, progress=False)
+    assert validate(cache.url)["valid"] and open_cache(cache.url).manifest == before

@@ -100,7 +100,7 @@ def reference_stats(logits: torch.Tensor) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("mode", ["topk:32", "full", "sample:12"])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_row_arrays_agree_with_the_full_distribution(temperature: float, mode: str) -> None:
-    from softcache.teacher.build import storage_info
+    from softcache.teacher.plan import storage_info
     from softcache.teacher.label import RowBlock, block_arrays, compact
 
     gen = torch.Generator().manual_seed(1)

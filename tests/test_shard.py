@@ -204,3 +204,24 @@ def test_a_shard_worker_waits_for_a_store_another_worker_is_creating(tmp_path: P
         (tmp_path / "foreign").mkdir()
         (tmp_path / "foreign" / "notes.txt").write_text("not a cache")
         build_tiny(teacher_file, tmp_path / "foreign")
+
+
+def test_arrays_are_created_together_and_a_second_worker_checks_them(tmp_path: Path) -> None:
+    """``ensure_arrays`` creates every missing array (subgroups included) in one call; a worker
+    arriving later leaves the same arrays alone and names one whose shape differs."""
+    from softcache.cache.layout import ArraySpec
+
+    group = zarr.open_group(str(tmp_path / "c.zarr"), mode="w", zarr_format=3)
+    specs = {"soft_labels": ArraySpec((10, 4), "float16", (5, 4)), "stats/entropy": ArraySpec((10,), "float32", (5,)),
+             "stats/prediction": ArraySpec((10,), "int32", (5,)), "eval/stats/margin": ArraySpec((3,), "float32", (3,))}
+    store.ensure_arrays(group, specs)
+    for name, spec in specs.items():
+        node = group[name]
+        assert isinstance(node, zarr.Array)
+        assert (tuple(node.shape), str(node.dtype), tuple(node.chunks)) == (spec.shape, spec.dtype, spec.chunks)
+        assert node.fill_value == (-1 if spec.dtype.startswith("int") else 0)
+    group["stats/entropy"][:] = 1.0
+    store.ensure_arrays(group, specs)  # the second worker: nothing is recreated or overwritten
+    assert group["stats/entropy"][:].tolist() == [1.0] * 10
+    with pytest.raises(CacheError, match=r"array 'stats/prediction' in the store is .*\(10,\).*needs.*\(12,\)"):
+        store.ensure_arrays(group, {**specs, "stats/prediction": ArraySpec((12,), "int32", (5,))})

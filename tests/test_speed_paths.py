@@ -41,17 +41,20 @@ def _teacher() -> nn.Module:
 
 
 def _reference_write_split(group, teacher, blocks, rows, manifest, device, progress, writer=None,  # type: ignore[no-untyped-def]
-                           on_done=None, clock=None, store_inputs=None) -> None:
+                           on_done=None, clock=None, store_inputs=None, check=None) -> None:
     """The labelling loop as it was before it moved into the writer thread: every block labelled
     in the teacher's own loop, then handed over as finished arrays."""
     own = writer is None
     if writer is None:
-        writer = stage1.split_writer(group, manifest)
+        writer = stage1.split_writer(lambda: group, manifest)
     writer.begin(rows, on_done)
     row = rows.start
+    inputs = layout.INPUTS in group if store_inputs is None else store_inputs
     for block in blocks:
         arrays = _reference_label_block(teacher, block, row, manifest.temperature, manifest.storage.dtype)
-        if layout.INPUTS in group:
+        if check is not None:
+            check()
+        if inputs:
             arrays[layout.INPUTS] = block.inputs.to(torch.float32).numpy()
         writer.append(arrays)
         row += len(block.inputs)

@@ -25,7 +25,7 @@ from softcache.config import StudentConfig
 from softcache.errors import UsageError
 from softcache.student._batch import Batch, Soft, stored_soft
 from softcache.student.loss import distillation_loss, flatten_positions
-from softcache.teacher.build import storage_info
+from softcache.teacher.plan import storage_info
 from softcache.teacher.label import RowBlock, block_arrays, teacher_logits
 from softcache.weights import output_logits
 

@@ -156,7 +156,7 @@ def measure_stage1(w: Workload) -> dict[str, Any]:
     def with_writing() -> float:
         with Progress(total=n, desc="bench", enabled=False) as bar, TeacherCore("auto", w.device) as core:
             elapsed = timer()
-            writer = split_writer(group, manifest, core)  # placed as run_build places it
+            writer = split_writer(lambda: group, manifest, core)  # placed as run_build places it
             for i, rows in enumerate(shards):
                 write_split(group, w.teacher, dataset_blocks(dataset, rows, s.build_batch_size), rows, manifest,
                             w.device, bar, writer=writer, on_done=functools.partial(store.mark_shard_done, group, i))

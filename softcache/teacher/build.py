@@ -9,9 +9,7 @@ complete only after every shard is done and the arrays check out.
 from __future__ import annotations
 
 import functools
-import math
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,84 +19,25 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from softcache._version import __version__
-
 from softcache.cache import layout, store
 from softcache.cache import shards as distributed
 from softcache.teacher.cores import TeacherCore
+from softcache.teacher.opening import StoreOpening
+from softcache.teacher.plan import BuildPlan, make_manifest, recorded_manifest, storage_info, teacher_info
 from softcache.teacher.workers import WorkerGroup
 from softcache.views import resolve_views, view_blocks
 from softcache.data import batches, describe, load_dataset
 from softcache.config import BuildConfig, with_options
 from softcache.errors import CacheError, UsageError
-from softcache.cache.manifest import (
-    LOGPROB_STEP,
-    BuildStatus,
-    ClassInfo,
-    DatasetSource,
-    Layout,
-    Manifest,
-    SequenceInfo,
-    Spec,
-    StorageInfo,
-    SynthesisSource,
-    TeacherInfo,
-    ViewInfo,
-    compute_cache_key,
-    format_version,
-    now_iso,
-)
-from softcache.cache.location import Location, record_location, record_value
+from softcache.cache.manifest import Manifest, Spec, ViewInfo
+from softcache.cache.location import Location
 from softcache.progress import Progress
 from softcache.cache.trust import Trust
-from softcache.weights import load_model, num_parameters, probe_model, resolve_device, weights_digest
+from softcache.weights import load_model, probe_model, resolve_device
 from softcache.cache.writer import ChunkWriter, Deferred
 from softcache.teacher.label import RowBlock, stored_arrays, teacher_logits
 from softcache.teacher import sequence as seq
 from softcache.sequences import is_sequence_dataset
-
-def storage_info(storage: str, dtype: str, classes: int | None = None) -> StorageInfo:
-    """A ``storage`` option (its form checked by ``BuildOptions``) as the manifest records it,
-    for a teacher of ``classes`` classes (a compact mode must keep fewer than all of them).
-
-    A compact mode that stores no fewer bytes per soft label than full float16 storage (few
-    classes: ``sample:12`` over 10 classes keeps 10 slots of 3 bytes against 20 bytes) builds, with
-    a warning: it loses what full storage keeps exactly and saves nothing."""
-    info = _storage_info(storage, dtype, classes)
-    if classes is not None and info.mode != "full":
-        compact, full = layout.label_bytes(info, classes), layout.label_bytes(StorageInfo(dtype="float16"), classes)
-        if compact >= full:
-            warnings.warn(f"storage {storage} keeps {compact} bytes per soft label, no fewer than full float16 storage's "
-                          f"{full} for {classes} classes, which is exact and trains at any temperature: "
-                          "--storage full is the smaller choice here", UserWarning, stacklevel=3)
-    return info
-
-
-def _storage_info(storage: str, dtype: str, classes: int | None) -> StorageInfo:
-    mode, _, k = storage.partition(":")
-    if dtype == "uint8" and mode != "topk":
-        raise UsageError(f"--dtype uint8 quantises top-k log-probabilities; {mode} storage keeps "
-                         + ("float logits (float16 or float32)" if mode == "full" else "uint8 counts already"))
-    if mode == "full":
-        return StorageInfo(dtype=dtype)  # type: ignore[arg-type]
-    if mode == "sample":  # the counts are uint8 whatever the float dtype
-        draws, _, seed = k.partition(":")
-        return StorageInfo(mode="sample", k=int(draws), dtype="uint8", id_dtype=layout.id_dtype(classes or 1 << 31),  # type: ignore[arg-type]
-                           values="counts", seed=int(seed or 0), sampler="systematic")
-    kept = int(k)
-    if classes is not None and kept >= classes:
-        raise UsageError(f"storage {storage}: K={kept} keeps all {classes} of the teacher's classes (its vocabulary, for token rows); "
-                         f"use --storage full, or K < {classes}")
-    return StorageInfo(mode=mode, k=kept, dtype=dtype, id_dtype=layout.id_dtype(classes or 1 << 31),  # type: ignore[arg-type]
-                       values="logprobs", scale=LOGPROB_STEP if dtype == "uint8" else None)
-
-
-def teacher_info(teacher: nn.Module, spec: Spec | None) -> TeacherInfo:
-    return TeacherInfo(spec=spec, num_parameters=num_parameters(teacher), weights_digest=weights_digest(teacher))
-
-
-shard_ranges = distributed.shard_ranges
-
 
 def dataset_blocks(dataset: Dataset, rows: range, batch_size: int) -> Iterator[RowBlock]:
     offset = rows.start
@@ -117,90 +56,6 @@ def block_source(dataset: Dataset, batch_size: int, aug: Any | None = None,
     partners = (lambda idx: next(batches(dataset, idx.tolist(), len(idx)))[0].to(torch.float32)) if aug.mixes else None
     return lambda rows: view_blocks(dataset_blocks(dataset, rows, batch_size), aug, str(views.augment), rows,
                                     views.count, int(views.seed or 0), len(dataset), shape, partners)  # type: ignore[arg-type]
-
-
-@dataclass
-class BuildPlan:
-    """Everything fixed before the first teacher call: the manifest and the row layout."""
-
-    manifest: Manifest
-    store_inputs: bool = False
-    eval_inputs: bool | None = None
-    """Store the eval split's inputs too (default: as ``store_inputs``). Synthesized caches keep
-    the real held-out inputs out, so the cache can be shared where the data cannot."""
-
-
-def make_manifest(
-    teacher: TeacherInfo,
-    source: DatasetSource | SynthesisSource,
-    num_classes: int,
-    class_names: list[str] | None,
-    input_shape: list[int],
-    *,
-    temperature: float,
-    storage: StorageInfo,
-    views: ViewInfo,
-    chunk_rows: int,
-    shard_chunks: int,
-    eval_source: DatasetSource | None = None,
-    sequence: SequenceInfo | None = None,
-) -> Manifest:
-    if temperature <= 0 or not math.isfinite(temperature):
-        raise UsageError(f"temperature must be a positive number, not {temperature}")
-    if chunk_rows < 1 or shard_chunks < 1:
-        raise UsageError("chunk rows and chunks per shard must be at least 1")
-    classes = ClassInfo(count=num_classes, names=class_names if class_names and len(class_names) == num_classes else None)
-    rows = source.num_samples
-    chunk_rows = min(chunk_rows, max(rows, 1))
-    shard_rows = chunk_rows * shard_chunks
-    from softcache.cache.manifest import EvalSplit
-
-    kind = "sequence" if sequence is not None else "sample"
-    return Manifest(
-        schema_version=format_version(kind, storage),
-        kind=kind,
-        sequence=sequence,
-        teacher=teacher,
-        source=source,
-        classes=classes,
-        temperature=temperature,
-        storage=storage,
-        views=views,
-        layout=Layout(
-            rows=rows,
-            chunk_rows=chunk_rows,
-            shard_rows=shard_rows,
-            num_shards=len(shard_ranges(rows, shard_rows)),
-            input_shape=input_shape,
-        ),
-        eval=EvalSplit(source=eval_source, rows=eval_source.num_samples) if eval_source else None,
-        status=BuildStatus(started_at=now_iso(), softcache_version=__version__),
-        cache_key=compute_cache_key(teacher, source, classes, temperature, storage, views, eval_source, sequence),
-    )
-
-
-def _recorded_spec(spec: Spec | None, cache: Location) -> Spec | None:
-    if spec is None:
-        return None
-    target = record_location(spec.target, cache) if spec.is_file() else spec.target
-    return Spec(target=target, kwargs=record_value(spec.kwargs, cache))
-
-
-def recorded_manifest(manifest: Manifest, cache: Location) -> Manifest:
-    """The manifest as written into the cache at ``cache``: files and URLs its SPECs (and the
-    datasets' own descriptions) name are rewritten by ``location.record_location``, so a shared
-    cache carries no credentials and no paths of the machine that built it. The cache key is
-    recomputed; it changes only if the view augmentation's keywords named a file or URL."""
-    m = manifest.model_copy(deep=True)
-    m.teacher.spec = _recorded_spec(m.teacher.spec, cache)
-    sources = [m.source] + ([m.eval.source] if m.eval is not None else [])
-    for source in sources:
-        if isinstance(source, DatasetSource):
-            source.spec = _recorded_spec(source.spec, cache)
-            source.info = record_value(source.info, cache)
-    m.views.augment = _recorded_spec(m.views.augment, cache)
-    m.cache_key = m.key()
-    return m
 
 
 @dataclass
@@ -237,6 +92,7 @@ def write_split(
     on_done: Callable[[], None] | None = None,
     clock: TeacherClock | None = None,
     store_inputs: bool | None = None,
+    check: Callable[[], None] | None = None,
 ) -> None:
     """Label ``rows`` block by block and write them through the background writer.
 
@@ -245,18 +101,21 @@ def write_split(
     teacher work overlaps this shard's last write. Without one, a writer is made and closed here.
     ``clock`` adds up the time of the teacher's calls. ``store_inputs``: whether ``group`` holds an
     inputs array, if the caller knows (else looked up: a metadata read that, between two shards,
-    waits behind the previous shard's chunk writes in zarr's event loop).
+    waits behind the previous shard's chunk writes in zarr's event loop). ``check`` runs after
+    every teacher call and raises to stop the split (the store could not be opened, say).
     """
     clock = clock or TeacherClock()
     own = writer is None
     if writer is None:
-        writer = split_writer(group, manifest)
+        writer = split_writer(lambda: group, manifest)
     writer.begin(rows, on_done)
     store_inputs = layout.INPUTS in group if store_inputs is None else store_inputs
     row = rows.start
     try:
         for block in blocks:
             logits = clock.call(block, teacher, device)
+            if check is not None:
+                check()
             # everything after the teacher runs in the writer thread, beside the next teacher call
             rows_in = len(block.inputs)
             writer.append(Deferred(rows_in, functools.partial(stored_arrays, logits, block, row, manifest, store_inputs)))
@@ -272,15 +131,21 @@ def write_split(
         writer.close()
 
 
-def split_writer(group: Any, manifest: Manifest, core: TeacherCore | None = None) -> ChunkWriter:
+def split_writer(group: Callable[[], Any], manifest: Manifest, core: TeacherCore | None = None) -> ChunkWriter:
     """One background writer for all the shards of a split that a build writes, kept off the
-    teacher's ``core`` (its thread starts on it)."""
+    teacher's ``core`` (its thread starts on it). ``group()`` gives the split's group when the
+    writer first needs it: a store still being opened (``teacher.opening``) is waited for in
+    the writer thread, not by the teacher."""
     handles: dict[str, Any] = {}  # arrays opened once, not per chunk (metadata reads are requests remotely)
-    writer = ChunkWriter(lambda start, blk: store.write_rows(group, start, blk, handles), None, None,
+    writer = ChunkWriter(lambda start, blk: store.write_rows(group(), start, blk, handles), None, None,
                          manifest.layout.chunk_rows)
     if core is not None:
         core.keep_off(writer.native_id)
     return writer
+
+
+def _mark_done(split: Callable[[], Any], shard: int) -> None:
+    store.mark_shard_done(split(), shard)
 
 
 def build(
@@ -403,36 +268,50 @@ def run_build(
     if with_eval and manifest.eval is not None:
         eval_inputs = plan.store_inputs if plan.eval_inputs is None else plan.eval_inputs
         arrays["eval"] = layout.split_arrays(manifest, manifest.eval.rows, store_inputs=eval_inputs, eval_split=True)
-    with WorkerGroup(me) as workers:
-        state, group = workers.first(
-            lambda: distributed.open_target(target, manifest, arrays, overwrite=overwrite, resume=resume,
-                                            joining=me.source == "shard"),
-            then=lambda: distributed.open_target(target, manifest, arrays, overwrite=False, resume=resume, joining=True),
-        )
     units = distributed.work_units(manifest, with_eval)
     mine = distributed.assigned(units, me)
-    todo = [] if state == "complete" else distributed.pending(group, mine)
+    if me.count == 1 and me.source != "shard" and not resume:
+        # a new store whatever is there (replaced, or refused): every unit is labelled, and the
+        # store is created beside the teacher's first calls
+        opening = StoreOpening(lambda: distributed.open_target(target, manifest, arrays, overwrite=overwrite,
+                                                               resume=False, joining=False))
+        todo = mine
+    else:
+        with WorkerGroup(me) as workers:
+            opening = StoreOpening.opened(*workers.first(
+                lambda: distributed.open_target(target, manifest, arrays, overwrite=overwrite, resume=resume,
+                                                joining=me.source == "shard"),
+                then=lambda: distributed.open_target(target, manifest, arrays, overwrite=False, resume=resume,
+                                                     joining=True),
+            ))
+        state, group = opening.result()
+        todo = [] if state == "complete" else distributed.pending(group, mine)
     desc = "build" if me.count == 1 else f"build {me}"
     writers: dict[str, ChunkWriter] = {}  # one per split, across shards; flags set after the data
-    inputs: dict[str, bool] = {}  # whether a split stores inputs, looked up once
+    inputs: dict[str, bool] = {}  # whether a split stores inputs, decided once
     core = TeacherCore(pin_threads, device)
     clock = TeacherClock(core=core)
     try:
         with Progress(total=sum(len(u.rows) for u in todo), desc=desc, enabled=progress, unit="rows") as bar, core:
             for unit in todo:
-                split = distributed.split_group(group, unit.split)
-                blocks = train_blocks if unit.split == "train" else eval_blocks
+                split = functools.partial(opening.split, unit.split)
                 if unit.split not in writers:
                     writers[unit.split] = split_writer(split, manifest, core)
-                    inputs[unit.split] = layout.INPUTS in split
-                write_split(split, teacher, blocks(unit.rows), unit.rows, manifest, device, bar,  # type: ignore[misc]
-                            writer=writers[unit.split], on_done=functools.partial(store.mark_shard_done, split, unit.shard),
-                            clock=clock, store_inputs=inputs[unit.split])
+                    # a store created by this build holds the planned arrays; one joined or resumed is asked
+                    inputs[unit.split] = layout.INPUTS in (arrays[unit.split] if opening.planned else split())
+                blocks = train_blocks if unit.split == "train" else eval_blocks
+                write_split(None, teacher, blocks(unit.rows), unit.rows, manifest, device, bar,  # type: ignore[misc]
+                            writer=writers[unit.split], on_done=functools.partial(_mark_done, split, unit.shard),
+                            clock=clock, store_inputs=inputs[unit.split], check=opening.check)
             for writer in writers.values():
                 writer.close()
-    except BaseException:
+        state, group = opening.result()
+    except BaseException as exc:
         for writer in writers.values():
             writer.abort()
+        opening.wait()  # nothing of a failed build is still creating its store
+        if isinstance(exc, Exception):
+            opening.check()  # a refused target is the first thing wrong, whatever the teacher did meanwhile
         raise
     complete = distributed.finalize_if_done(target, group)
     cache = store.open_cache(target, allow_incomplete=True)

@@ -42,7 +42,8 @@ from torch.utils.data import Dataset
 
 from softcache.cache import store
 from softcache.views import resolve_views
-from softcache.teacher.build import BuildPlan, block_source, make_manifest, run_build, storage_info, teacher_info
+from softcache.teacher.build import block_source, run_build
+from softcache.teacher.plan import BuildPlan, make_manifest, storage_info, teacher_info
 from softcache.config import SynthCacheOptions, SynthConfig, with_options
 from softcache.data import LabelledTensors, describe, load_dataset
 from softcache.errors import UsageError
