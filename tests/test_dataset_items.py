@@ -125,3 +125,30 @@ def test_tensor_datasets_are_materialized_as_they_are_and_agree_with_item_by_ite
             return self.inputs[i]
 
     assert materialize(Unlabelled())[1].tolist() == [-1] * 50
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_batches_of_a_row_range_are_the_batches_of_its_indices(labelled: bool) -> None:
+    """A tensor dataset's row range is cut in one call; the batches are those of the same rows
+    given one by one: the same values, float64 inputs as float32, unknown labels as -1, the
+    last batch short."""
+    import torch
+
+    from softcache.data import LabelledTensors, batches
+
+    x = torch.randn(50, 3, dtype=torch.float64)
+    data: object = LabelledTensors(x, torch.arange(50), None, {"rows": 50})
+    if not labelled:
+        class Unlabelled(torch.utils.data.Dataset):  # tensors without labels
+            inputs, labels = x, None
+
+            def __len__(self) -> int:
+                return len(x)
+
+        data = Unlabelled()
+    ranged = list(batches(data, range(7, 30), 8))
+    listed = list(batches(data, list(range(7, 30)), 8))
+    assert [len(b[0]) for b in ranged] == [8, 8, 7]
+    for (xr, yr), (xl, yl) in zip(ranged, listed, strict=True):
+        assert xr.dtype == torch.float32 and torch.equal(xr, xl) and torch.equal(yr, yl)
+    assert torch.equal(torch.cat([y for _, y in ranged]), torch.arange(7, 30) if labelled else torch.full((23,), -1))

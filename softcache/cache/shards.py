@@ -334,7 +334,7 @@ def _finalize(where: Location, again: bool, written: Mapping[str, str] | None = 
     return manifest
 
 
-def finalize_if_done(url: str | Location, group: zarr.Group) -> bool:
+def finalize_if_done(url: str | Location, group: zarr.Group, all_mine: bool = False) -> bool:
     """Finalize when every flag is set (the last worker does it); True when the cache is complete.
 
     ``group`` is the worker's own root group from :func:`open_target`: its manifest is the one
@@ -342,13 +342,15 @@ def finalize_if_done(url: str | Location, group: zarr.Group) -> bool:
     opens the store read-only once more, and leaves it alone when another worker finished first.
     The chunks this worker wrote through ``group`` enter the content digest by the digests noted
     while they were written (the writer thread computed them beside the teacher); the others
-    are read."""
+    are read. ``all_mine``: this worker created the store and did every unit, so the flags are
+    not counted first (the finalize check reads them all and refuses a cache with one unset)."""
     manifest = read_manifest(group, url)
     if manifest.status.state == "complete":
         return True
-    done, total = units_done(group, manifest)
-    if done < total:
-        return False
+    if not all_mine:
+        done, total = units_done(group, manifest)
+        if done < total:
+            return False
     store = group.store
     _finalize(Location.of(url), again=False,
               written=store.written_digests() if isinstance(store, GuardedStore) else None)

@@ -40,9 +40,9 @@ from softcache.teacher import sequence as seq
 from softcache.sequences import is_sequence_dataset
 
 def dataset_blocks(dataset: Dataset, rows: range, batch_size: int) -> Iterator[RowBlock]:
-    offset = rows.start
+    index, offset = np.arange(rows.start, rows.stop), 0  # each block's sample ids: a view, not an array a block
     for x, y in batches(dataset, rows, batch_size):
-        yield RowBlock(inputs=x, labels=y, sample_index=np.arange(offset, offset + len(x)))
+        yield RowBlock(inputs=x, labels=y, sample_index=index[offset : offset + len(x)])
         offset += len(x)
 
 
@@ -313,7 +313,7 @@ def run_build(
         if isinstance(exc, Exception):
             opening.check()  # a refused target is the first thing wrong, whatever the teacher did meanwhile
         raise
-    complete = distributed.finalize_if_done(target, group)
+    complete = distributed.finalize_if_done(target, group, all_mine=opening.planned)
     cache = store.open_cache(target, allow_incomplete=True)
     cache.build_report = distributed.build_report(target, me, state, mine, todo, complete, time.perf_counter() - start,
                                                   len(units), clock.seconds, core.cpu, core.released)
