@@ -89,7 +89,8 @@ def _as_input(inputs: torch.Tensor) -> torch.Tensor:
 def batches(dataset: Dataset, indices: Sequence[int] | range, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(inputs, labels)`` batches in ``indices`` order; labels are -1 when unknown."""
     inputs, labels = getattr(dataset, "inputs", None), getattr(dataset, "labels", None)
-    if isinstance(inputs, torch.Tensor) and isinstance(indices, range) and indices.step == 1:
+    if (isinstance(inputs, torch.Tensor) and isinstance(indices, range) and indices.step == 1 and len(indices)
+            and (not isinstance(labels, torch.Tensor) or len(labels) >= indices.stop)):
         # every batch's view made in one call: slicing two tensors a batch in Python cost ~0.1 ms
         # between two teacher calls (the caches cold after each call), 0.3% of a 1,000-class build
         part = slice(indices.start, indices.stop)

@@ -291,7 +291,7 @@ def test_a_refused_target_stops_the_build_at_once_and_keeps_the_cache(tmp_path: 
     it lands in, not at the end of the data, and the cache there is left as it was."""
     out = str(tmp_path / "c.zarr")
     first = build(_TimedTeacher().eval(), _rows(), out, batch_size=32, chunk_rows=64, progress=False)
-    teacher = _TimedTeacher(pause=0.05).eval()
+    teacher = _TimedTeacher(pause=0.1).eval()
     with pytest.raises(UsageError, match="pass --overwrite"):  # another teacher's cache is there
         build(teacher, _rows(), out, batch_size=32, chunk_rows=64, progress=False)
     assert 2 <= len(teacher.calls) < 1 + 16  # the probe, then fewer blocks than the data has
@@ -334,3 +334,17 @@ def test_a_refused_target_is_reported_before_what_the_teacher_got_wrong(
     with pytest.raises(UsageError, match="--overwrite"):
         build(AllNaN(), DATA_SPEC, cache.url, progress=False)
     assert validate(cache.url)["valid"] and open_cache(cache.url).manifest == before
+
+
+def test_a_target_refused_after_the_last_teacher_call_is_still_the_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the teacher is done before the opening fails, the refusal reaches the build through
+    its writer (waiting for the store) and is raised as the opening's own one-line error."""
+    out = str(tmp_path / "c.zarr")
+    first = build(_TimedTeacher().eval(), _rows(), out, batch_size=32, chunk_rows=64, progress=False)
+    ended = _slow_opening(monkeypatch, 0.5)
+    teacher = _TimedTeacher().eval()
+    with pytest.raises(UsageError, match="pass --overwrite"):  # one 512-row chunk: the writer queues every block
+        build(teacher, _rows(), out, batch_size=32, chunk_rows=512, progress=False)
+    assert len(teacher.calls) == 1 + 16 and teacher.calls[-1] < ended["at"]  # every block labelled first
+    assert open_cache(out).manifest.cache_key == first.manifest.cache_key and validate(out)["valid"]

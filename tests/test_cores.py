@@ -193,3 +193,36 @@ def test_an_unknown_pin_mode_is_one_line(tmp_path: Path) -> None:
                            "--out", str(tmp_path / "c.zarr"), "--pin-threads", "always"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--pin-threads" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_threads_the_store_opening_starts_are_kept_off_the_teachers_core(
+        one_thread: None, cores: set[int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store is opened in a thread beside the teacher's first calls; a thread that opening
+    starts with every core (as zarr's event loop can be, started before the opening thread is kept
+    off the teacher's core) is kept off it once the store is open."""
+    import time
+
+    main, started = threading.get_native_id(), {}
+    real = build_module.distributed.open_target
+
+    def opening(*args: object, **kwargs: object) -> object:
+        deadline = time.monotonic() + 10
+        while len(os.sched_getaffinity(main)) != 1 and time.monotonic() < deadline:
+            time.sleep(0.001)  # the teacher is kept on its core from here
+        parked = started["thread"] = _Parked()
+        parked.start()
+        os.sched_setaffinity(parked.native_id, cores)  # as a thread started a moment earlier would have
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(build_module.distributed, "open_target", opening)
+    seen: list[set[int]] = []
+
+    class Asking(_Recording):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if len(self.seen) == 16:  # the last block: the store has long been open
+                seen.append(started["thread"].cores())
+            return super().forward(x)
+
+    cache = build(Asking(), _data(1024), str(tmp_path / "c.zarr"), batch_size=64, chunk_rows=128, progress=False)
+    pinned = cache.build_report["teacher_core"]  # type: ignore[index]
+    assert pinned in cores and seen == [cores - {pinned}]

@@ -152,3 +152,17 @@ def test_batches_of_a_row_range_are_the_batches_of_its_indices(labelled: bool) -
     for (xr, yr), (xl, yl) in zip(ranged, listed, strict=True):
         assert xr.dtype == torch.float32 and torch.equal(xr, xl) and torch.equal(yr, yl)
     assert torch.equal(torch.cat([y for _, y in ranged]), torch.arange(7, 30) if labelled else torch.full((23,), -1))
+    assert list(batches(data, range(0), 8)) == [] and list(batches(data, range(30, 7), 8)) == []
+
+
+def test_batches_of_a_range_past_the_labels_keep_every_input_row() -> None:
+    """Labels shorter than the range (a dataset whose two tensors disagree): every input batch is
+    still given, with the labels there are, as batch by batch."""
+    import torch
+
+    from softcache.data import LabelledTensors, batches
+
+    data = LabelledTensors(torch.randn(20, 3), torch.arange(20), None, {"rows": 20})
+    data.labels = torch.arange(12)
+    got = list(batches(data, range(0, 20), 8))
+    assert [len(x) for x, _ in got] == [8, 8, 4] and [len(y) for _, y in got] == [8, 4, 0]

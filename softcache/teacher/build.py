@@ -270,11 +270,12 @@ def run_build(
         arrays["eval"] = layout.split_arrays(manifest, manifest.eval.rows, store_inputs=eval_inputs, eval_split=True)
     units = distributed.work_units(manifest, with_eval)
     mine = distributed.assigned(units, me)
+    core = TeacherCore(pin_threads, device)
     if me.count == 1 and me.source != "shard" and not resume:
         # a new store whatever is there (replaced, or refused): every unit is labelled, and the
         # store is created beside the teacher's first calls
         opening = StoreOpening(lambda: distributed.open_target(target, manifest, arrays, overwrite=overwrite,
-                                                               resume=False, joining=False))
+                                                               resume=False, joining=False), then=core.sweep)
         todo = mine
     else:
         with WorkerGroup(me) as workers:
@@ -289,7 +290,6 @@ def run_build(
     desc = "build" if me.count == 1 else f"build {me}"
     writers: dict[str, ChunkWriter] = {}  # one per split, across shards; flags set after the data
     inputs: dict[str, bool] = {}  # whether a split stores inputs, decided once
-    core = TeacherCore(pin_threads, device)
     clock = TeacherClock(core=core)
     try:
         with Progress(total=sum(len(u.rows) for u in todo), desc=desc, enabled=progress, unit="rows") as bar, core:
@@ -311,7 +311,7 @@ def run_build(
             writer.abort()
         opening.wait()  # nothing of a failed build is still creating its store
         if isinstance(exc, Exception):
-            opening.check()  # a refused target is the first thing wrong, whatever the teacher did meanwhile
+            opening.result()  # a refused target is the first thing wrong, whatever the teacher did meanwhile
         raise
     complete = distributed.finalize_if_done(target, group, all_mine=opening.planned)
     cache = store.open_cache(target, allow_incomplete=True)

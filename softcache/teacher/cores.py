@@ -111,6 +111,18 @@ class TeacherCore:
             self._moved[native_id] = set(self._saved)
             _set_cores(native_id, self._others)
 
+    def sweep(self) -> None:
+        """Keep off the teacher's core every thread that is on it but the teacher's: those started,
+        while the core was being kept, by a thread not yet kept off it (the store's opening
+        thread starts zarr's event loop and the build lock's refresher)."""
+        if not self._active:
+            return
+        for tid in _threads() - {threading.get_native_id()} - set(self._moved):
+            had = _cores_of(tid)
+            if self.cpu in had and had - {self.cpu}:
+                self._moved[tid] = had
+                _set_cores(tid, had - {self.cpu})
+
     def watch(self, wall: float, cpu: float) -> None:
         """Account one teacher call (its wall and thread CPU seconds); let go of a shared core."""
         if not self._active:

@@ -21,14 +21,20 @@ from softcache.cache import shards as distributed
 Opener = Callable[[], "tuple[distributed.TargetState, Any]"]
 
 
+class StoreNotOpened(Exception):
+    """Raised in the writer thread when the store could not be opened; the build raises the
+    opening's own error instead (one exception object is never raised in two threads)."""
+
+
 class StoreOpening:
     """``shards.open_target``'s ``(state, root group)``, opened in a thread (``StoreOpening(opener)``)
     or already open (:meth:`opened`); see the module docstring."""
 
-    def __init__(self, open_store: Opener | None = None):
+    def __init__(self, open_store: Opener | None = None, then: Callable[[], None] | None = None):
         self._result: tuple[distributed.TargetState, Any] | None = None
         self._error: BaseException | None = None
         self._splits: dict[str, Any] = {}
+        self._then = then
         self.planned = open_store is not None
         """The store is created by this build from its plan (so it holds the planned arrays)."""
         self._thread: threading.Thread | None = None
@@ -50,20 +56,30 @@ class StoreOpening:
             self._error = exc
 
     def check(self) -> None:
-        """Raise the opening's error if it failed; never waits."""
+        """Raise the opening's error if it failed; once the store is open, run ``then`` (in the
+        calling thread: the teacher's, which keeps the threads the opening started off its core,
+        ``TeacherCore.sweep``). Never waits."""
         if self._error is not None:
             raise self._error
+        if self._then is not None and self._result is not None:
+            then, self._then = self._then, None
+            then()
 
     def result(self) -> tuple[distributed.TargetState, Any]:
         """``(state, root group)`` of ``shards.open_target``, once the store is open."""
         self.wait()
-        self.check()
+        if self._error is not None:
+            raise self._error
         assert self._result is not None
         return self._result
 
     def split(self, name: str) -> Any:
-        """The group of split ``name`` (looked up once)."""
+        """The group of split ``name`` (looked up once), for the writer thread: waits for the
+        store, and raises :class:`StoreNotOpened` if it could not be opened."""
         if name not in self._splits:
+            self.wait()
+            if self._error is not None:
+                raise StoreNotOpened(f"the store could not be opened: {type(self._error).__name__}")
             self._splits[name] = distributed.split_group(self.result()[1], name)
         return self._splits[name]
 
