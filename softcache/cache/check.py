@@ -102,12 +102,16 @@ def _members(group: zarr.Group, paths: list[str]) -> dict[str, Member]:
     return {path: _classified(outcome) for path, outcome in zip(paths, sync(read_all()))}
 
 
+def _split_rows(manifest: Manifest) -> list[tuple[str, int]]:
+    """``(path prefix, rows)`` of each split the manifest records."""
+    return [("", manifest.layout.rows)] + ([(f"{EVAL}/", manifest.eval.rows)] if manifest.eval is not None else [])
+
+
 def _candidates(manifest: Manifest) -> list[str]:
     """Every node a cache of ``manifest`` may hold, optional ones included (inputs, labels, the
     eval split and its flags)."""
-    splits = [("", manifest.layout.rows)] + ([(f"{EVAL}/", manifest.eval.rows)] if manifest.eval is not None else [])
     paths = [EVAL] if manifest.eval is not None else []
-    for prefix, rows in splits:
+    for prefix, rows in _split_rows(manifest):
         names = split_arrays(manifest, rows, store_inputs=True, with_labels=True, eval_split=bool(prefix))
         paths += [prefix + name for name in [*names, INPUTS, LABELS, SHARD_DONE]]
     return list(dict.fromkeys(paths))
@@ -118,8 +122,7 @@ def _expected(found: dict[str, Member], manifest: Manifest, check: CacheCheck
     """Every array the manifest implies, by path from the root, and each split's flags path by label."""
     expected: dict[str, ArraySpec] = {}
     flags: dict[str, str] = {}
-    splits = [("", manifest.layout.rows)] + ([(f"{EVAL}/", manifest.eval.rows)] if manifest.eval is not None else [])
-    for prefix, rows in splits:
+    for prefix, rows in _split_rows(manifest):
         if prefix:
             node, problem = found[EVAL]
             if not isinstance(node, zarr.Group):

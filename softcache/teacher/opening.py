@@ -80,7 +80,8 @@ class StoreOpening:
             self.wait()
             if self._error is not None:
                 raise StoreNotOpened(f"the store could not be opened: {type(self._error).__name__}")
-            self._splits[name] = distributed.split_group(self.result()[1], name)
+            assert self._result is not None
+            self._splits[name] = distributed.split_group(self._result[1], name)
         return self._splits[name]
 
     def wait(self) -> None:
