@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -167,8 +168,41 @@ def save_model(model: nn.Module, path: str | Path, arch: Spec | str | None) -> P
 
 
 def weights_digest(model: nn.Module) -> str:
+    """sha256 over the state dict, keys sorted: the teacher's identity in the cache key."""
+    return state_digest(model.state_dict())
+
+
+class LaterDigest:
+    """:func:`weights_digest` of a model as it is when this is made, computed later (``__call__``)
+    in another thread while the model runs: a build hashes its teacher (24 ms for 27 MB of
+    weights) beside the teacher's first calls instead of before them.
+
+    Hashing reads the tensors a forward reads, which is safe. A forward that writes them (a
+    persistent buffer changed in place) would leave a digest of neither state, and a cache whose
+    labels came from weights other than those its manifest names. So every tensor's version
+    counter, which in-place writes advance, is taken now; :meth:`check` (run after hashing, and
+    by the build once the teacher is done) refuses any change with a one-line CacheError."""
+
+    def __init__(self, model: nn.Module):
+        self._state = model.state_dict()  # detached views: they share the tensors' storage and version counters
+        self._versions = {key: value._version for key, value in self._state.items()}
+
+    def __call__(self) -> str:
+        value = state_digest(self._state)
+        self.check()
+        return value
+
+    def check(self) -> None:
+        changed = [key for key, tensor in self._state.items() if tensor._version != self._versions[key]]
+        if changed:
+            raise CacheError(f"the teacher changed its state while it labelled ({', '.join(map(repr, changed[:3]))} "
+                             "written in place): a cache records one fixed teacher, so its forward must leave its "
+                             "parameters and buffers as they are in eval mode")
+
+
+def state_digest(state: Mapping[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
-    for key, value in sorted(model.state_dict().items()):
+    for key, value in sorted(state.items()):
         digest.update(key.encode())
         tensor = value.detach().cpu().contiguous()
         digest.update(json.dumps([str(tensor.dtype), list(tensor.shape)]).encode())

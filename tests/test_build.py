@@ -286,6 +286,75 @@ def test_the_teacher_starts_while_a_new_store_is_being_created(tmp_path: Path, m
     assert cache.build_report is not None and cache.build_report["target"] == "created"
 
 
+def _slow_digest(monkeypatch: pytest.MonkeyPatch, seconds: float) -> dict[str, float]:
+    """Make hashing a teacher's weights take ``seconds`` longer; returns when it ended."""
+    import time
+
+    from softcache import weights
+
+    ended: dict[str, float] = {}
+    real = weights.state_digest
+
+    def slow(state: object) -> str:
+        time.sleep(seconds)
+        try:
+            return real(state)  # type: ignore[arg-type]
+        finally:
+            ended["at"] = time.perf_counter()
+
+    monkeypatch.setattr(weights, "state_digest", slow)
+    return ended
+
+
+def test_the_teachers_weights_are_hashed_beside_its_first_calls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The weights digest (part of the cache key, so needed before the store is created) is
+    computed beside the teacher's first calls; the manifest and key are those of a build that
+    hashed first (a ``--shard 0/1`` build seals its manifest before it opens the store)."""
+    from softcache import weights
+
+    real = weights.state_digest
+    teacher, data = _TimedTeacher().eval(), _rows()
+    expected = real(teacher.state_dict())
+    ended = _slow_digest(monkeypatch, 0.3)
+    cache = build(teacher, data, str(tmp_path / "c.zarr"), batch_size=32, chunk_rows=64, progress=False)
+    assert teacher.calls[1] < ended["at"]  # labelling began before the digest was done
+    manifest = cache.manifest
+    assert manifest.teacher.weights_digest == expected and manifest.cache_key == manifest.key()
+    first = build(teacher, data, str(tmp_path / "sealed-first.zarr"), batch_size=32, chunk_rows=64, progress=False,
+                  shard="0/1")
+    assert first.manifest.teacher == manifest.teacher and first.manifest.cache_key == manifest.cache_key
+    assert validate(cache.url)["valid"]
+
+
+class _Counting(nn.Module):
+    """A teacher whose forward writes one of its own buffers in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(64, 10)
+        self.register_buffer("seen", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen += len(x)
+        return self.lin(x.flatten(1))
+
+
+@pytest.mark.parametrize("slow", [0.3, 0.0])
+def test_a_teacher_that_writes_its_weights_while_labelling_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slow: float) -> None:
+    """Its digest would name weights that did not make the labels: whether the write lands
+    while the weights are hashed (a slow digest) or after, the build stops with one line and
+    nothing is marked complete."""
+    if slow:
+        _slow_digest(monkeypatch, slow)
+    out = tmp_path / "c.zarr"
+    with pytest.raises(CacheError, match=r"the teacher changed its state while it labelled \('seen'"):
+        build(_Counting().eval(), _rows(), str(out), batch_size=32, chunk_rows=64, progress=False)
+    if out.exists():
+        with pytest.raises(CacheError, match="still being built"):
+            open_cache(str(out))
+
+
 def test_a_refused_target_stops_the_build_at_once_and_keeps_the_cache(tmp_path: Path) -> None:
     """The opening's error (a cache is already there) stops the teacher's loop after the call
     it lands in, not at the end of the data, and the cache there is left as it was."""

@@ -33,7 +33,7 @@ from softcache.cache.manifest import Manifest, Spec, ViewInfo
 from softcache.cache.location import Location
 from softcache.progress import Progress
 from softcache.cache.trust import Trust
-from softcache.weights import load_model, probe_model, resolve_device
+from softcache.weights import LaterDigest, load_model, probe_model, resolve_device
 from softcache.cache.writer import ChunkWriter, Deferred
 from softcache.teacher.label import RowBlock, stored_arrays, teacher_logits
 from softcache.teacher import sequence as seq
@@ -192,7 +192,7 @@ def build(
     aug, view_info = resolve_views(cfg.augment, cfg.views, cfg.view_seed or 0, len(dataset),  # type: ignore[arg-type]
                                    shape=tuple(probe_x.shape[1:]))
     manifest = make_manifest(
-        teacher_info(model, teacher_spec),
+        teacher_info(model, teacher_spec, hashed=False),  # hashed beside the teacher's first calls (BuildPlan.digest)
         describe(dataset, data_spec),
         int(probe.shape[1]),
         getattr(dataset, "classes", None),
@@ -204,7 +204,7 @@ def build(
         shard_chunks=cfg.shard_chunks,
         eval_source=describe(eval_set, eval_spec) if eval_set is not None else None,
     )
-    plan = BuildPlan(manifest=manifest, store_inputs=cfg.store_inputs)
+    plan = BuildPlan(manifest=manifest, store_inputs=cfg.store_inputs, digest=LaterDigest(model))
     batch_size = cfg.batch_size
     return run_build(out, model, plan, block_source(dataset, batch_size, aug, view_info),
                      (lambda rows: dataset_blocks(eval_set, rows, batch_size)) if eval_set is not None else None,
@@ -273,16 +273,17 @@ def run_build(
     core = TeacherCore(pin_threads, device)
     if me.count == 1 and me.source != "shard" and not resume:
         # a new store whatever is there (replaced, or refused): every unit is labelled, and the
-        # store is created beside the teacher's first calls
-        opening = StoreOpening(lambda: distributed.open_target(target, manifest, arrays, overwrite=overwrite,
+        # teacher's weights are hashed and the store created beside the teacher's first calls
+        opening = StoreOpening(lambda: distributed.open_target(target, plan.sealed(), arrays, overwrite=overwrite,
                                                                resume=False, joining=False), then=core.sweep)
         todo = mine
     else:
+        sealed = plan.sealed()  # the cache key decides whether this worker joins what is there
         with WorkerGroup(me) as workers:
             opening = StoreOpening.opened(*workers.first(
-                lambda: distributed.open_target(target, manifest, arrays, overwrite=overwrite, resume=resume,
+                lambda: distributed.open_target(target, sealed, arrays, overwrite=overwrite, resume=resume,
                                                 joining=me.source == "shard"),
-                then=lambda: distributed.open_target(target, manifest, arrays, overwrite=False, resume=resume,
+                then=lambda: distributed.open_target(target, sealed, arrays, overwrite=False, resume=resume,
                                                      joining=True),
             ))
         state, group = opening.result()
@@ -306,6 +307,8 @@ def run_build(
             for writer in writers.values():
                 writer.close()
         state, group = opening.result()
+        if plan.digest is not None:
+            plan.digest.check()  # the labels came from the weights the manifest names
     except BaseException as exc:
         for writer in writers.values():
             writer.abort()

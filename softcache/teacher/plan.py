@@ -33,7 +33,7 @@ from softcache.cache.manifest import (
     now_iso,
 )
 from softcache.errors import UsageError
-from softcache.weights import num_parameters, weights_digest
+from softcache.weights import LaterDigest, num_parameters, weights_digest
 
 
 def storage_info(storage: str, dtype: str, classes: int | None = None) -> StorageInfo:
@@ -72,8 +72,15 @@ def _storage_info(storage: str, dtype: str, classes: int | None) -> StorageInfo:
                        values="logprobs", scale=LOGPROB_STEP if dtype == "uint8" else None)
 
 
-def teacher_info(teacher: nn.Module, spec: Spec | None) -> TeacherInfo:
-    return TeacherInfo(spec=spec, num_parameters=num_parameters(teacher), weights_digest=weights_digest(teacher))
+PENDING_DIGEST = ""
+"""The weights digest of a plan whose digest is computed later (:attr:`BuildPlan.digest`)."""
+
+
+def teacher_info(teacher: nn.Module, spec: Spec | None, hashed: bool = True) -> TeacherInfo:
+    """What the manifest records of the teacher; ``hashed=False`` leaves the weights digest
+    :data:`PENDING_DIGEST` for :meth:`BuildPlan.sealed` to fill in."""
+    return TeacherInfo(spec=spec, num_parameters=num_parameters(teacher),
+                       weights_digest=weights_digest(teacher) if hashed else PENDING_DIGEST)
 
 
 @dataclass
@@ -85,6 +92,20 @@ class BuildPlan:
     eval_inputs: bool | None = None
     """Store the eval split's inputs too (default: as ``store_inputs``). Synthesized caches keep
     the real held-out inputs out, so the cache can be shared where the data cannot."""
+    digest: LaterDigest | None = None
+    """The teacher's weights digest when the manifest does not hold it yet: the build computes it
+    beside the teacher's first calls (everything the manifest says about labelling is fixed
+    without it), and checks once the teacher is done that its weights did not change."""
+
+    def sealed(self) -> Manifest:
+        """The manifest to write: with the weights digest and the cache key it determines,
+        computed here (in the calling thread) when :attr:`digest` deferred them."""
+        if self.digest is None:
+            return self.manifest
+        manifest = self.manifest.model_copy(deep=True)
+        manifest.teacher.weights_digest = self.digest()
+        manifest.cache_key = manifest.key()
+        return manifest
 
 
 def make_manifest(
