@@ -56,7 +56,7 @@ TOY_LM = LMSettings(rows=32, steps=2, stream_rows=(16, 48), repeats=1, vocab=64,
 
 @pytest.fixture(scope="module")
 def tiny_result(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    wide = WideSettings(rows=512, build_rows=512, repeats=1, students=2, epochs=1, teacher_hidden=32,
+    wide = WideSettings(rows=512, build_rows=512, repeats=1, build_repeats=1, students=2, epochs=1, teacher_hidden=32,
                         student_hidden=16)
     settings = BenchSettings(rows=512, chunk_rows=128, batch_size=64, epochs=1, repeats=1, students=2,
                              sample_rows=256, wide_rows=512, build_batch_size=128, isolate_memory=False, wide=wide,

@@ -165,6 +165,14 @@ def test_manifest_records_the_sequence_section(topk_cache: Cache, full_cache: Ca
     assert softcache.validate(topk_cache.url, deep=True)["valid"]
 
 
+def test_the_recorded_weights_digest_is_the_teachers(full_cache: Cache, teacher: torch.nn.Module) -> None:
+    """Token-row builds hash the teacher beside its first calls too; the digest and key are its own."""
+    from softcache.weights import weights_digest
+
+    manifest = full_cache.manifest
+    assert manifest.teacher.weights_digest == weights_digest(teacher) and manifest.cache_key == manifest.key()
+
+
 def test_a_plain_sample_cache_stays_format_version_1(cache: Cache) -> None:
     raw = json.loads((Path(cache.url) / "zarr.json").read_text())["attributes"]["softcache"]
     assert raw["schema_version"] == 1

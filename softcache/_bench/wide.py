@@ -147,7 +147,7 @@ def measure_wide(s: WideSettings, workdir: Path) -> dict[str, Any]:
             "build": lambda: whole_build(w, s.build_rows, inside), "teacher": lambda: teacher_alone(w, s.build_rows),
             "build_one_batch": lambda: whole_build(w, s.batch_size),
             "teacher_one_batch": lambda: teacher_alone(w, s.batch_size),
-        }, rounds, balanced=True)
+        }, balanced_rounds(s.build_repeats), balanced=True)
     ideal = median([(c + t) / c for c, t in zip(online["cached"], online["teacher"])])
     online_ratio = ratio(online, "online", "cached")
     # what a build costs beyond its teacher whatever its size (store, digests, finalize), from a

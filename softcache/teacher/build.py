@@ -220,7 +220,7 @@ def _build_sequences(model: nn.Module, dataset: Dataset, data_spec: Spec | None,
     rows, held_out = seq.token_rows(dataset, eval_set)
     vocab = seq.probe_vocab(model, rows, dev)
     info = seq.sequence_info(rows, vocab, held_out)
-    recorded = teacher_info(model, teacher_spec)  # the weights digest reads every parameter: once
+    recorded = teacher_info(model, teacher_spec, hashed=False)  # hashed beside the teacher's first calls
 
     def manifest_with(chunk_rows: int) -> Manifest:
         return make_manifest(
@@ -231,7 +231,7 @@ def _build_sequences(model: nn.Module, dataset: Dataset, data_spec: Spec | None,
 
     manifest = manifest_with(seq.chunk_rows(cfg.chunk_rows, layout.row_bytes(manifest_with(cfg.chunk_rows))))
     batch = seq.teacher_batch(cfg.batch_size, rows.length, vocab)
-    return run_build(out, model, BuildPlan(manifest=manifest), seq.sequence_blocks(rows, batch),
+    return run_build(out, model, BuildPlan(manifest=manifest, digest=LaterDigest(model)), seq.sequence_blocks(rows, batch),
                      seq.sequence_blocks(held_out, batch) if held_out is not None else None,
                      device=dev, overwrite=cfg.overwrite, progress=progress, shard=cfg.shard, resume=cfg.resume,
                      pin_threads=cfg.pin_threads)
