@@ -181,7 +181,8 @@ class LaterDigest:
     persistent buffer changed in place) would leave a digest of neither state, and a cache whose
     labels came from weights other than those its manifest names. So every tensor's version
     counter, which in-place writes advance, is taken now; :meth:`check` (run after hashing, and
-    by the build once the teacher is done) refuses any change with a one-line CacheError."""
+    by the build after every teacher call) refuses a change with a one-line CacheError. Writes
+    the counters do not see (through ``.data``, or a tensor replaced by another) are not caught."""
 
     def __init__(self, model: nn.Module):
         self._state = model.state_dict()  # detached views: they share the tensors' storage and version counters

@@ -287,7 +287,9 @@ def test_the_teacher_starts_while_a_new_store_is_being_created(tmp_path: Path, m
 
 
 def _slow_digest(monkeypatch: pytest.MonkeyPatch, seconds: float) -> dict[str, float]:
-    """Make hashing a teacher's weights take ``seconds`` longer; returns when it ended."""
+    """Make hashing a teacher's weights take ``seconds`` longer; returns when it ended, and in
+    which thread."""
+    import threading
     import time
 
     from softcache import weights
@@ -301,6 +303,7 @@ def _slow_digest(monkeypatch: pytest.MonkeyPatch, seconds: float) -> dict[str, f
             return real(state)  # type: ignore[arg-type]
         finally:
             ended["at"] = time.perf_counter()
+            ended["thread"] = threading.current_thread().name  # type: ignore[assignment]
 
     monkeypatch.setattr(weights, "state_digest", slow)
     return ended
@@ -318,6 +321,7 @@ def test_the_teachers_weights_are_hashed_beside_its_first_calls(tmp_path: Path, 
     ended = _slow_digest(monkeypatch, 0.3)
     cache = build(teacher, data, str(tmp_path / "c.zarr"), batch_size=32, chunk_rows=64, progress=False)
     assert teacher.calls[1] < ended["at"]  # labelling began before the digest was done
+    assert ended["thread"] == "softcache-open"
     manifest = cache.manifest
     assert manifest.teacher.weights_digest == expected and manifest.cache_key == manifest.key()
     first = build(teacher, data, str(tmp_path / "sealed-first.zarr"), batch_size=32, chunk_rows=64, progress=False,
@@ -327,32 +331,59 @@ def test_the_teachers_weights_are_hashed_beside_its_first_calls(tmp_path: Path, 
 
 
 class _Counting(nn.Module):
-    """A teacher whose forward writes one of its own buffers in place."""
+    """A teacher whose forward writes one of its own buffers in place from call ``writes_from``
+    on (the probe is call 1), after sleeping ``pause`` seconds in the call before."""
 
-    def __init__(self) -> None:
+    def __init__(self, writes_from: int = 1, pause: float = 0.0) -> None:
         super().__init__()
         self.lin = nn.Linear(64, 10)
         self.register_buffer("seen", torch.zeros(()))
+        self.calls, self.writes_from, self.pause = 0, writes_from, pause
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.seen += len(x)
+        import time
+
+        self.calls += 1
+        if self.calls == self.writes_from - 1:
+            time.sleep(self.pause)
+        if self.calls >= self.writes_from:
+            self.seen += len(x)
         return self.lin(x.flatten(1))
 
 
-@pytest.mark.parametrize("slow", [0.3, 0.0])
+@pytest.mark.parametrize("slow,writes_from,pause", [(0.3, 1, 0.0), (0.0, 6, 0.5)])
 def test_a_teacher_that_writes_its_weights_while_labelling_is_refused(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slow: float) -> None:
-    """Its digest would name weights that did not make the labels: whether the write lands
-    while the weights are hashed (a slow digest) or after, the build stops with one line and
-    nothing is marked complete."""
-    if slow:
-        _slow_digest(monkeypatch, slow)
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slow: float, writes_from: int, pause: float) -> None:
+    """Its digest would name weights that did not make the labels. A write while the weights are
+    hashed (a slow digest), or one long after the store exists (a pause first), stops the build
+    with one line; the shard holding the first block labelled after the write is never flagged
+    done, so the store can never be finalized into a cache that looks valid."""
+    from softcache.cache.shards import finalize
+
+    ended = _slow_digest(monkeypatch, slow)
+    teacher = _Counting(writes_from, pause).eval()
     out = tmp_path / "c.zarr"
     with pytest.raises(CacheError, match=r"the teacher changed its state while it labelled \('seen'"):
-        build(_Counting().eval(), _rows(), str(out), batch_size=32, chunk_rows=64, progress=False)
+        build(teacher, _rows(), str(out), batch_size=32, chunk_rows=64, progress=False)
+    assert teacher.calls == max(writes_from, 2)  # stopped after the call that wrote
+    if pause:
+        assert "at" in ended and out.exists()  # hashed and created before the write
     if out.exists():
-        with pytest.raises(CacheError, match="still being built"):
-            open_cache(str(out))
+        with pytest.raises(CacheError, match="shards not done"):
+            finalize(str(out))
+
+
+def test_a_cpu_teachers_weights_are_hashed_in_the_opening_thread_a_gpu_teachers_at_once() -> None:
+    """Only a CPU teacher's digest is left to the opening thread: copying a GPU teacher's weights
+    to the host from another thread while it runs could break a CUDA graph capture of its own."""
+    from softcache.teacher.plan import PENDING_DIGEST, teacher_digest
+    from softcache.weights import weights_digest
+
+    model = nn.Linear(4, 3)
+    info, later = teacher_digest(model, None, torch.device("cpu"))
+    assert info.weights_digest == PENDING_DIGEST and later is not None and later() == weights_digest(model)
+    info, later = teacher_digest(model, None, torch.device("cuda"))  # decides only; nothing is moved
+    assert later is None and info.weights_digest == weights_digest(model)
 
 
 def test_a_refused_target_stops_the_build_at_once_and_keeps_the_cache(tmp_path: Path) -> None:

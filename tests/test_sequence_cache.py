@@ -165,12 +165,24 @@ def test_manifest_records_the_sequence_section(topk_cache: Cache, full_cache: Ca
     assert softcache.validate(topk_cache.url, deep=True)["valid"]
 
 
-def test_the_recorded_weights_digest_is_the_teachers(full_cache: Cache, teacher: torch.nn.Module) -> None:
-    """Token-row builds hash the teacher beside its first calls too; the digest and key are its own."""
-    from softcache.weights import weights_digest
+def test_the_recorded_weights_digest_is_the_teachers(teacher: torch.nn.Module, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Token-row builds hash a CPU teacher in the store-opening thread too, beside its first
+    calls; the digest and the key are the teacher's own."""
+    import threading
 
-    manifest = full_cache.manifest
-    assert manifest.teacher.weights_digest == weights_digest(teacher) and manifest.cache_key == manifest.key()
+    from softcache import weights
+
+    real, threads = weights.state_digest, []
+
+    def recorded(state: object) -> str:
+        threads.append(threading.current_thread().name)
+        return real(state)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(weights, "state_digest", recorded)
+    manifest = _build(teacher, tmp_path / "c.zarr", "topk:8").manifest
+    assert threads == ["softcache-open"]
+    assert manifest.teacher.weights_digest == real(teacher.state_dict()) and manifest.cache_key == manifest.key()
 
 
 def test_a_plain_sample_cache_stays_format_version_1(cache: Cache) -> None:

@@ -23,7 +23,7 @@ from softcache.cache import layout, store
 from softcache.cache import shards as distributed
 from softcache.teacher.cores import TeacherCore
 from softcache.teacher.opening import StoreOpening
-from softcache.teacher.plan import BuildPlan, make_manifest, recorded_manifest, storage_info, teacher_info
+from softcache.teacher.plan import BuildPlan, make_manifest, recorded_manifest, storage_info, teacher_digest
 from softcache.teacher.workers import WorkerGroup
 from softcache.views import resolve_views, view_blocks
 from softcache.data import batches, describe, load_dataset
@@ -33,7 +33,7 @@ from softcache.cache.manifest import Manifest, Spec, ViewInfo
 from softcache.cache.location import Location
 from softcache.progress import Progress
 from softcache.cache.trust import Trust
-from softcache.weights import LaterDigest, load_model, probe_model, resolve_device
+from softcache.weights import load_model, probe_model, resolve_device
 from softcache.cache.writer import ChunkWriter, Deferred
 from softcache.teacher.label import RowBlock, stored_arrays, teacher_logits
 from softcache.teacher import sequence as seq
@@ -191,8 +191,9 @@ def build(
         raise UsageError(f"teacher output has shape {tuple(probe.shape)}; expected (batch, classes)")
     aug, view_info = resolve_views(cfg.augment, cfg.views, cfg.view_seed or 0, len(dataset),  # type: ignore[arg-type]
                                    shape=tuple(probe_x.shape[1:]))
+    recorded, digest = teacher_digest(model, teacher_spec, dev)
     manifest = make_manifest(
-        teacher_info(model, teacher_spec, hashed=False),  # hashed beside the teacher's first calls (BuildPlan.digest)
+        recorded,
         describe(dataset, data_spec),
         int(probe.shape[1]),
         getattr(dataset, "classes", None),
@@ -204,7 +205,7 @@ def build(
         shard_chunks=cfg.shard_chunks,
         eval_source=describe(eval_set, eval_spec) if eval_set is not None else None,
     )
-    plan = BuildPlan(manifest=manifest, store_inputs=cfg.store_inputs, digest=LaterDigest(model))
+    plan = BuildPlan(manifest=manifest, store_inputs=cfg.store_inputs, digest=digest)
     batch_size = cfg.batch_size
     return run_build(out, model, plan, block_source(dataset, batch_size, aug, view_info),
                      (lambda rows: dataset_blocks(eval_set, rows, batch_size)) if eval_set is not None else None,
@@ -220,7 +221,7 @@ def _build_sequences(model: nn.Module, dataset: Dataset, data_spec: Spec | None,
     rows, held_out = seq.token_rows(dataset, eval_set)
     vocab = seq.probe_vocab(model, rows, dev)
     info = seq.sequence_info(rows, vocab, held_out)
-    recorded = teacher_info(model, teacher_spec, hashed=False)  # hashed beside the teacher's first calls
+    recorded, digest = teacher_digest(model, teacher_spec, dev)
 
     def manifest_with(chunk_rows: int) -> Manifest:
         return make_manifest(
@@ -231,7 +232,7 @@ def _build_sequences(model: nn.Module, dataset: Dataset, data_spec: Spec | None,
 
     manifest = manifest_with(seq.chunk_rows(cfg.chunk_rows, layout.row_bytes(manifest_with(cfg.chunk_rows))))
     batch = seq.teacher_batch(cfg.batch_size, rows.length, vocab)
-    return run_build(out, model, BuildPlan(manifest=manifest, digest=LaterDigest(model)), seq.sequence_blocks(rows, batch),
+    return run_build(out, model, BuildPlan(manifest=manifest, digest=digest), seq.sequence_blocks(rows, batch),
                      seq.sequence_blocks(held_out, batch) if held_out is not None else None,
                      device=dev, overwrite=cfg.overwrite, progress=progress, shard=cfg.shard, resume=cfg.resume,
                      pin_threads=cfg.pin_threads)
@@ -292,6 +293,15 @@ def run_build(
     writers: dict[str, ChunkWriter] = {}  # one per split, across shards; flags set after the data
     inputs: dict[str, bool] = {}  # whether a split stores inputs, decided once
     clock = TeacherClock(core=core)
+
+    def after_call() -> None:
+        """Runs after every teacher call, before its block is queued: the opening's error first
+        (a refused target), then whether the teacher wrote its weights, so that no shard holding
+        a block from weights other than those hashed is ever flagged done."""
+        opening.check()
+        if plan.digest is not None:
+            plan.digest.check()
+
     try:
         with Progress(total=sum(len(u.rows) for u in todo), desc=desc, enabled=progress, unit="rows") as bar, core:
             for unit in todo:
@@ -303,12 +313,10 @@ def run_build(
                 blocks = train_blocks if unit.split == "train" else eval_blocks
                 write_split(None, teacher, blocks(unit.rows), unit.rows, manifest, device, bar,  # type: ignore[misc]
                             writer=writers[unit.split], on_done=functools.partial(_mark_done, split, unit.shard),
-                            clock=clock, store_inputs=inputs[unit.split], check=opening.check)
+                            clock=clock, store_inputs=inputs[unit.split], check=after_call)
             for writer in writers.values():
                 writer.close()
         state, group = opening.result()
-        if plan.digest is not None:
-            plan.digest.check()  # the labels came from the weights the manifest names
     except BaseException as exc:
         for writer in writers.values():
             writer.abort()

@@ -8,6 +8,7 @@ import math
 import warnings
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from softcache._version import __version__
@@ -81,6 +82,15 @@ def teacher_info(teacher: nn.Module, spec: Spec | None, hashed: bool = True) -> 
     :data:`PENDING_DIGEST` for :meth:`BuildPlan.sealed` to fill in."""
     return TeacherInfo(spec=spec, num_parameters=num_parameters(teacher),
                        weights_digest=weights_digest(teacher) if hashed else PENDING_DIGEST)
+
+
+def teacher_digest(teacher: nn.Module, spec: Spec | None, device: torch.device) -> tuple[TeacherInfo, LaterDigest | None]:
+    """The manifest's teacher section and, for a CPU teacher, the weights digest to compute beside
+    its first calls (:attr:`BuildPlan.digest`). A teacher on a GPU is hashed now, as before:
+    copying its weights to the host from another thread while it runs would be an unsafe call
+    during a CUDA graph capture of the teacher's own."""
+    later = device.type == "cpu"
+    return teacher_info(teacher, spec, hashed=not later), (LaterDigest(teacher) if later else None)
 
 
 @dataclass
