@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -245,24 +246,31 @@ class _TimedTeacher(nn.Module):
         return self.lin(x.flatten(1))
 
 
-def _slow_opening(monkeypatch: pytest.MonkeyPatch, seconds: float) -> dict[str, float]:
-    """Make opening the target store take ``seconds`` longer; returns when it ended."""
+def _slowed(monkeypatch: pytest.MonkeyPatch, owner: object, name: str, seconds: float) -> dict[str, Any]:
+    """Make ``owner.name`` take ``seconds`` longer; returns when its call ended ("at"), and in
+    which thread ("thread")."""
+    import threading
     import time
 
-    from softcache.teacher import build as stage1
-
-    ended: dict[str, float] = {}
-    real = stage1.distributed.open_target
+    ended: dict[str, Any] = {}
+    real = getattr(owner, name)
 
     def slow(*args: object, **kwargs: object) -> object:
         time.sleep(seconds)
         try:
-            return real(*args, **kwargs)  # type: ignore[arg-type]
+            return real(*args, **kwargs)
         finally:
-            ended["at"] = time.perf_counter()
+            ended["at"], ended["thread"] = time.perf_counter(), threading.current_thread().name
 
-    monkeypatch.setattr(stage1.distributed, "open_target", slow)
+    monkeypatch.setattr(owner, name, slow)
     return ended
+
+
+def _slow_opening(monkeypatch: pytest.MonkeyPatch, seconds: float) -> dict[str, Any]:
+    """Make opening the target store take ``seconds`` longer."""
+    from softcache.teacher import build as stage1
+
+    return _slowed(monkeypatch, stage1.distributed, "open_target", seconds)
 
 
 def _rows(n: int = 512) -> object:
@@ -286,27 +294,11 @@ def test_the_teacher_starts_while_a_new_store_is_being_created(tmp_path: Path, m
     assert cache.build_report is not None and cache.build_report["target"] == "created"
 
 
-def _slow_digest(monkeypatch: pytest.MonkeyPatch, seconds: float) -> dict[str, float]:
-    """Make hashing a teacher's weights take ``seconds`` longer; returns when it ended, and in
-    which thread."""
-    import threading
-    import time
-
+def _slow_digest(monkeypatch: pytest.MonkeyPatch, seconds: float) -> dict[str, Any]:
+    """Make hashing a teacher's weights take ``seconds`` longer."""
     from softcache import weights
 
-    ended: dict[str, float] = {}
-    real = weights.state_digest
-
-    def slow(state: object) -> str:
-        time.sleep(seconds)
-        try:
-            return real(state)  # type: ignore[arg-type]
-        finally:
-            ended["at"] = time.perf_counter()
-            ended["thread"] = threading.current_thread().name  # type: ignore[assignment]
-
-    monkeypatch.setattr(weights, "state_digest", slow)
-    return ended
+    return _slowed(monkeypatch, weights, "state_digest", seconds)
 
 
 def test_the_teachers_weights_are_hashed_beside_its_first_calls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

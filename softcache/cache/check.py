@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.core.array import AsyncArray
-from zarr.core.sync import sync
 
 from softcache.cache import guard
 from softcache.cache.layout import (
@@ -99,7 +98,7 @@ def _members(group: zarr.Group, paths: list[str]) -> dict[str, Member]:
     async def read_all() -> list[Any]:
         return await asyncio.gather(*(group._async_group.getitem(p) for p in paths), return_exceptions=True)
 
-    return {path: _classified(outcome) for path, outcome in zip(paths, sync(read_all()))}
+    return {path: _classified(outcome) for path, outcome in zip(paths, guard.run(read_all()))}
 
 
 def _split_rows(manifest: Manifest) -> list[tuple[str, int]]:

@@ -97,11 +97,7 @@ class TeacherCore:
         os.sched_setaffinity(0, {cpu})
         self.cpu, self._active = cpu, True
         # the threads already running (zarr's event loop among them); those they start inherit it
-        for tid in _threads() - {threading.get_native_id()}:
-            had = _cores_of(tid)
-            if had - {cpu}:
-                self._moved[tid] = had
-                _set_cores(tid, had - {cpu})
+        self._move_off(on_core_only=False)
         return self
 
     def keep_off(self, native_id: int | None) -> None:
@@ -115,11 +111,18 @@ class TeacherCore:
         """Keep off the teacher's core every thread that is on it but the teacher's: those started,
         while the core was being kept, by a thread not yet kept off it (the store's opening
         thread starts zarr's event loop and the build lock's refresher)."""
-        if not self._active:
-            return
+        if self._active:
+            self._move_off(on_core_only=True)
+
+    def _move_off(self, on_core_only: bool) -> None:
+        """Take the teacher's core from every other thread not moved yet that has another core,
+        noting the cores it had; ``on_core_only``: only from threads that may run on it (one whose
+        cores are already the others' was started by a thread kept off, and gets every core back
+        on release)."""
+        assert self.cpu is not None
         for tid in _threads() - {threading.get_native_id()} - set(self._moved):
             had = _cores_of(tid)
-            if self.cpu in had and had - {self.cpu}:
+            if had - {self.cpu} and (self.cpu in had or not on_core_only):
                 self._moved[tid] = had
                 _set_cores(tid, had - {self.cpu})
 
